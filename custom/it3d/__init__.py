@@ -1,0 +1,22 @@
+"""it3d: one image to a 3D asset (Make-It-3D and Customize-It-3D as configs over shared components).
+
+Importing the package imports every component module so that it registers itself.
+"""
+import importlib
+import logging
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("it3d")
+
+from .core import registry  # noqa: E402
+from .core.registry import register  # noqa: E402
+from . import losses  # noqa: E402,F401
+
+# component packages; each package's __init__ imports all of its modules ("base" first)
+_PACKAGES = [
+    "data", "encodings", "geometry", "materials", "background", "renderers", "prompts", "guidance",
+    "preprocess", "systems", "exporters", "eval",
+]
+for _p in _PACKAGES:
+    importlib.import_module(f"{__name__}.{_p}")

@@ -1,0 +1,395 @@
+"""Strict, typed configuration.
+
+* Every component has a nested ``@dataclass Config``; :func:`parse_structured`
+  turns a dict / DictConfig into that dataclass and refuses unknown keys (naming the
+  full dotted path and a close match) and missing ``???`` values (naming the key).
+* :func:`validate_component` walks a component's config, following ``*_type``
+  fields (declared with :func:`component`) and named term dicts (declared with
+  :func:`terms`) into the configs of the sub-components they name, so a whole run
+  is checked before any work starts.
+* :func:`C` evaluates schedules: a number, ``[start_step, v0, v1, end_step]``, or a
+  piecewise list ``[[step, value], [step, value], ...]``.
+* :func:`load_config` merges YAML files in order, then ``key=value`` overrides
+  (``~key`` deletes, ``+key=value`` adds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import registry
+from .errors import It3dError
+from .registry import suggest
+
+
+class ConfigError(It3dError, ValueError):
+    """A configuration problem; the message names the dotted key."""
+
+
+# ----------------------------------------------------------------------------- resolvers
+def _register_resolvers() -> None:
+    def _num(x):
+        return float(x) if isinstance(x, str) else x
+
+    resolvers = {
+        "add": lambda a, b: _num(a) + _num(b),
+        "sub": lambda a, b: _num(a) - _num(b),
+        "mul": lambda a, b: _num(a) * _num(b),
+        "div": lambda a, b: _num(a) / _num(b),
+        "idiv": lambda a, b: int(_num(a)) // int(_num(b)),
+        "min": lambda a, b: min(_num(a), _num(b)),
+        "max": lambda a, b: max(_num(a), _num(b)),
+        "int": lambda a: int(_num(a)),
+        "not": lambda a: not a,
+        "gt0": lambda a: _num(a) > 0,
+        "deg2rad": lambda a: math.radians(_num(a)),
+        "basename": lambda p: os.path.basename(str(p)),
+        "dirname": lambda p: os.path.dirname(str(p)),
+        "stem": lambda p: os.path.splitext(os.path.basename(str(p)))[0],
+        "join": lambda *parts: os.path.join(*[str(p) for p in parts]),
+        "abspath": lambda p: os.path.abspath(str(p)),
+        "rmspace": lambda s, sub="_": str(s).replace(" ", sub),
+        "env": lambda name, default="": os.environ.get(str(name), default),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            if hasattr(OmegaConf, "register_resolver"):
+                OmegaConf.register_resolver(name, fn, annotation_validation="off")
+            else:  # omegaconf < 2.4
+                OmegaConf.register_new_resolver(name, fn)
+
+
+_register_resolvers()
+
+
+# ----------------------------------------------------------------------------- schedules
+def C(value: Any, step: int, epoch: int = 0) -> float:
+    """Evaluate a schedulable value at ``step``.
+
+    * a number -> itself
+    * ``[start_step, v0, v1, end_step]`` -> v0 before start, v1 after end, linear between
+    * ``[[s0, v0], [s1, v1], ...]`` -> piecewise linear through the points, constant outside
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, (ListConfig,)):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or len(value) == 0:
+        raise ConfigError(f"not a schedule: {value!r} (expected a number, [start, v0, v1, end] or [[step, v], ...])")
+    if all(isinstance(p, (list, tuple, ListConfig)) for p in value):
+        pts = [(float(p[0]), float(p[1])) for p in value]
+        if any(len(p) != 2 for p in value):
+            raise ConfigError(f"piecewise schedule points must be [step, value] pairs: {value!r}")
+        if any(b[0] < a[0] for a, b in zip(pts, pts[1:])):
+            raise ConfigError(f"piecewise schedule steps must be non-decreasing: {value!r}")
+        if step <= pts[0][0]:
+            return pts[0][1]
+        for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+            if step <= s1:
+                if s1 == s0:
+                    return v1
+                return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+        return pts[-1][1]
+    if len(value) == 4:
+        start, v0, v1, end = value
+        if step <= start:
+            return v0
+        if step >= end:
+            return v1
+        return v0 + (v1 - v0) * (step - start) / (end - start)
+    raise ConfigError(f"not a schedule: {value!r} (expected a number, [start, v0, v1, end] or [[step, v], ...])")
+
+
+def check_schedule(value: Any, path: str) -> None:
+    try:
+        C(value, 0)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- field helpers
+def component(kind: str, default: str, config_field: Optional[str] = None):
+    """A ``*_type`` field naming a registered component of ``kind``.
+
+    The sibling field ``config_field`` (default: the name without ``_type``) holds its config.
+    """
+    return field(default=default, metadata={"kind": kind, "config_field": config_field})
+
+
+def terms(kind: str):
+    """A dict of named entries ``{type, weight, ...}`` of components of ``kind``.
+
+    ``type`` defaults to the entry's name; ``weight`` is a schedule; the rest is the
+    component's own config.
+    """
+    return field(default_factory=dict, metadata={"terms": kind})
+
+
+def schedule(default: Any):
+    """A float that may also be a schedule (checked by :func:`C`)."""
+    return field(default=default, metadata={"schedule": True})
+
+
+# ----------------------------------------------------------------------------- parsing
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _to_container(cfg: Any) -> Any:
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        try:
+            return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot resolve config: {e}".splitlines()[0]) from None
+    return cfg
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls) -> Dict[str, Any]:
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        hints = {}
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
+
+
+def _check_keys(cls, raw: Any, path: str) -> None:
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{path or '<root>'}' must be a mapping of options for {cls.__qualname__}, got {raw!r}")
+    types = _field_types(cls)
+    for key, val in raw.items():
+        if key not in types:
+            raise ConfigError(f"unknown config key '{_join(path, key)}'{suggest(key, types)}")
+        tp = types[key]
+        if _is_dataclass_type(tp) and isinstance(val, dict):
+            _check_keys(tp, val, _join(path, key))
+
+
+def _check_missing(cls, obj: Any, path: str) -> None:
+    for f in dataclasses.fields(cls):
+        val = getattr(obj, f.name)
+        if isinstance(val, str) and val == "???":
+            raise ConfigError(
+                f"missing required value '{_join(path, f.name)}': set it in the YAML or on the command line "
+                f"({_join(path, f.name)}=...)"
+            )
+        if dataclasses.is_dataclass(val):
+            _check_missing(type(val), val, _join(path, f.name))
+        if f.metadata.get("schedule"):
+            check_schedule(val, _join(path, f.name))
+
+
+def parse_structured(cls, cfg: Any = None, path: str = "") -> Any:
+    """Parse ``cfg`` into an instance of dataclass ``cls``, strictly."""
+    if cfg is None:
+        cfg = {}
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        if isinstance(cfg, cls):
+            return cfg
+        cfg = dataclasses.asdict(cfg)
+    raw = _to_container(cfg)
+    _check_keys(cls, raw, path)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), raw)
+        obj = OmegaConf.to_object(merged) if False else _to_dataclass(cls, merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"bad value for '{_join(path, key)}': {msg}") from None
+    _check_missing(cls, obj, path)
+    return obj
+
+
+def _to_dataclass(cls, merged: DictConfig):
+    # to_object would raise on '???'; keep them as the string so we can name the key
+    data = OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)
+    return _build(cls, data)
+
+
+def _build(cls, data: dict):
+    types = _field_types(cls)
+    kwargs = {}
+    for name, val in data.items():
+        tp = types.get(name)
+        if _is_dataclass_type(tp) and isinstance(val, dict):
+            val = _build(tp, val)
+        kwargs[name] = val
+    return cls(**kwargs)
+
+
+def validate_component(kind: str, type_name: str, cfg: Any, path: str) -> Any:
+    """Check the config of a registered component and of every sub-component it names."""
+    try:
+        cls = registry.get(kind, type_name)
+    except registry.RegistryError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    validator = getattr(cls, "validate_config", None)
+    if validator is not None:
+        return validator(cfg, path)
+    return validate_dataclass(cls.Config, cfg, path)
+
+
+def validate_dataclass(config_cls, cfg: Any, path: str) -> Any:
+    parsed = parse_structured(config_cls, cfg, path)
+    for f in dataclasses.fields(config_cls):
+        kind = f.metadata.get("kind")
+        if kind:
+            type_name = getattr(parsed, f.name)
+            if type_name in (None, "", "none"):
+                continue
+            sub = f.metadata.get("config_field") or f.name[: -len("_type")]
+            validate_component(kind, type_name, getattr(parsed, sub, None), _join(path, sub))
+        tkind = f.metadata.get("terms")
+        if tkind:
+            for name, entry in (getattr(parsed, f.name) or {}).items():
+                type_name, weight, rest = split_term(name, entry, _join(path, f.name))
+                check_schedule(weight, _join(path, f"{f.name}.{name}.weight"))
+                validate_component(tkind, type_name, rest, _join(path, f"{f.name}.{name}"))
+    return parsed
+
+
+def split_term(name: str, entry: Any, path: str):
+    """``{type, weight, ...}`` -> (type, weight, rest)."""
+    entry = _to_container(entry)
+    if entry is None:
+        entry = {}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"'{_join(path, name)}' must be a mapping like {{type: ..., weight: ...}}, got {entry!r}")
+    entry = dict(entry)
+    type_name = entry.pop("type", name)
+    weight = entry.pop("weight", 1.0)
+    return type_name, weight, entry
+
+
+# ----------------------------------------------------------------------------- root config
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    description: str = ""
+    tag: str = ""
+    seed: int = 0
+    use_timestamp: bool = True
+    timestamp: Optional[str] = None
+    exp_root_dir: str = "outputs"
+    trial_dir: Optional[str] = None  # set by launch; may be given to reuse a trial dir
+    n_gpus: int = 1
+    resume: Optional[str] = None
+    data_type: str = component("datamodule", "single-image", "data")
+    data: dict = field(default_factory=dict)
+    system_type: str = component("system", "coarse", "system")
+    system: dict = field(default_factory=dict)
+    trainer: dict = field(default_factory=dict)
+    checkpoint: dict = field(default_factory=dict)
+    # staged pipelines: ordered list of {name, config?, overrides?}; see it3d.systems.pipeline
+    stages: List[Any] = field(default_factory=list)
+
+
+def _check_trainer(cfg: ExperimentConfig) -> None:
+    import inspect
+
+    try:
+        from lightning.pytorch import Trainer
+        from lightning.pytorch.callbacks import ModelCheckpoint
+    except Exception:  # pragma: no cover - lightning is a requirement
+        return
+    for key, fn in (("trainer", Trainer.__init__), ("checkpoint", ModelCheckpoint.__init__)):
+        allowed = [p for p in inspect.signature(fn).parameters if p != "self"]
+        for k in getattr(cfg, key) or {}:
+            if k not in allowed:
+                raise ConfigError(f"unknown config key '{key}.{k}'{suggest(k, allowed)}")
+
+
+def validate_experiment(cfg: Any) -> ExperimentConfig:
+    """Parse and check the whole run config (the experiment and every component in it)."""
+    parsed = validate_dataclass(ExperimentConfig, cfg, "")
+    _check_trainer(parsed)
+    return parsed
+
+
+# ----------------------------------------------------------------------------- loading
+def parse_overrides(overrides: Sequence[str]):
+    """Split CLI ``key=value`` items into (set dotlist, delete keys)."""
+    sets, deletes = [], []
+    for item in overrides:
+        if item.startswith("~"):
+            deletes.append(item[1:].split("=", 1)[0])
+            continue
+        if item.startswith("+"):
+            item = item[1:]
+        if "=" not in item:
+            raise ConfigError(f"bad override '{item}': expected key=value (or ~key to delete)")
+        sets.append(item)
+    return sets, deletes
+
+
+def _delete_key(cfg: DictConfig, dotted: str) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for p in parts[:-1]:
+        if p not in node:
+            raise ConfigError(f"cannot delete '{dotted}': '{p}' not found{suggest(p, list(node.keys()))}")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ConfigError(f"cannot delete '{dotted}': key not found{suggest(parts[-1], list(node.keys()))}")
+    del node[parts[-1]]
+
+
+def load_yaml(path: str) -> DictConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    # `extends: other.yaml` (relative to this file) is merged underneath
+    base = cfg.pop("extends", None)
+    if base:
+        bases = [base] if isinstance(base, str) else list(base)
+        merged = OmegaConf.create()
+        for b in bases:
+            merged = OmegaConf.merge(merged, load_yaml(os.path.join(os.path.dirname(path), b)))
+        cfg = OmegaConf.merge(merged, cfg)
+    return cfg
+
+
+def load_config(*yamls: str, cli_args: Sequence[str] = (), extra: Optional[dict] = None) -> DictConfig:
+    """Merge YAML files in order, then ``extra``, then CLI overrides. Not yet resolved."""
+    cfg = OmegaConf.create()
+    for y in yamls:
+        cfg = OmegaConf.merge(cfg, load_yaml(y))
+    if extra:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(extra))
+    sets, deletes = parse_overrides(cli_args)
+    for key in deletes:
+        _delete_key(cfg, key)
+    if sets:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(sets))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+    return cfg
+
+
+def to_yaml(cfg: Any, resolve: bool = False) -> str:
+    if dataclasses.is_dataclass(cfg):
+        cfg = OmegaConf.structured(cfg)
+    if not isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.create(cfg)
+    return OmegaConf.to_yaml(cfg, resolve=resolve)

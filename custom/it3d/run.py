@@ -1,0 +1,179 @@
+"""What launch.py does after parsing flags: load and check the config, make the
+trial dir, build data + system, and drive Lightning (or the stage pipeline)."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import logging
+import os
+import sys
+import traceback
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from .core import io
+from .core.config import ConfigError, ExperimentConfig, load_config, validate_experiment
+from .core.errors import It3dError
+
+log = logging.getLogger("it3d")
+CUSTOM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="[%(levelname)s] %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def import_extensions(custom_dir: str = CUSTOM_DIR) -> List[str]:
+    """Import every package in custom/ (it3d first) so its components register."""
+    if custom_dir not in sys.path:
+        sys.path.insert(0, custom_dir)
+    names = ["it3d"] + sorted(
+        d for d in os.listdir(custom_dir)
+        if d != "it3d" and not d.startswith((".", "_")) and os.path.isfile(os.path.join(custom_dir, d, "__init__.py"))
+    )
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except It3dError as e:
+            raise It3dError(f"extension custom/{name} failed to import: {e}") from None
+        except Exception as e:
+            detail = traceback.format_exception_only(type(e), e)[-1].strip()
+            raise It3dError(f"extension custom/{name} failed to import: {detail}") from None
+    return names
+
+
+def configure_device(gpu: str) -> dict:
+    """Trainer accelerator/devices from --gpu; CPU (with one log line) when CUDA is absent."""
+    import torch
+
+    ids = [int(g) for g in str(gpu).split(",") if g.strip() != ""]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        bad = [i for i in ids if i >= n]
+        if bad:
+            raise It3dError(f"--gpu {gpu}: GPU {bad[0]} does not exist (this machine has {n})")
+        return {"accelerator": "gpu", "devices": ids or [0], "device": f"cuda:{(ids or [0])[0]}"}
+    log.info("CUDA is not available: running on CPU")
+    return {"accelerator": "cpu", "devices": 1, "device": "cpu"}
+
+
+def make_trial_dir(cfg: DictConfig) -> str:
+    if cfg.get("trial_dir"):
+        return str(cfg.trial_dir)
+    if cfg.get("use_timestamp", True):
+        if not cfg.get("timestamp"):
+            cfg.timestamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        trial = f"{cfg.get('tag', '')}@{cfg.timestamp}"
+    else:
+        trial = cfg.get("tag") or "default"
+    return os.path.join(str(cfg.get("exp_root_dir", "outputs")), str(cfg.get("name", "default")), trial)
+
+
+def prepare_config(config_files: Sequence[str], overrides: Sequence[str], device: str = "cpu", n_gpus: int = 1):
+    """Load + merge + validate. Returns (DictConfig with trial_dir set, parsed ExperimentConfig)."""
+    cfg = load_config(*config_files, cli_args=overrides)
+    cfg.n_gpus = n_gpus
+    if "system" in cfg and isinstance(cfg.system, DictConfig) and cfg.system.get("device", "auto") == "auto":
+        cfg.system.device = device
+    cfg.trial_dir = make_trial_dir(cfg)
+    parsed = validate_experiment(cfg)
+    return cfg, parsed
+
+
+def run_cli(args, extras: Sequence[str]) -> int:
+    setup_logging(args.verbose)
+    try:
+        import_extensions()
+        dev = configure_device(args.gpu)
+        mode = next(m for m in ("train", "validate", "test", "export", "preprocess") if getattr(args, m))
+        cfg, parsed = prepare_config(args.config, extras, device=dev["device"],
+                                     n_gpus=len(dev["devices"]) if isinstance(dev["devices"], list) else 1)
+        if parsed.stages:
+            from .systems.pipeline import run_pipeline
+
+            run_pipeline(cfg, parsed, mode, dev, stage=args.stage)
+        elif mode == "preprocess":
+            from .preprocess.entry import preprocess_from_config
+
+            preprocess_from_config(cfg)
+        else:
+            run_stage(cfg, parsed, mode, dev)
+        return 0
+    except It3dError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def write_configs(cfg: DictConfig, trial_dir: str) -> None:
+    os.makedirs(os.path.join(trial_dir, "configs"), exist_ok=True)
+    io.write_text(os.path.join(trial_dir, "configs", "raw.yaml"), OmegaConf.to_yaml(cfg, resolve=False))
+    io.write_text(os.path.join(trial_dir, "configs", "parsed.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks: Optional[list] = None):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from .core.checkpoint import AtomicCheckpointIO
+
+    ckpt_kwargs = {"save_last": True, "every_n_train_steps": None}
+    ckpt_kwargs.update(dict(parsed.checkpoint or {}))
+    cbs = [ModelCheckpoint(dirpath=os.path.join(trial_dir, "ckpts"), **ckpt_kwargs)] + list(callbacks or [])
+    loggers = [
+        TensorBoardLogger(save_dir=trial_dir, name="logs", version="tb", default_hp_metric=False),
+        CSVLogger(save_dir=trial_dir, name="logs", version="csv"),
+    ]
+    tkw = {"max_steps": 1000, "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_model_summary": False}
+    tkw.update(dict(parsed.trainer or {}))
+    tkw.setdefault("accelerator", dev["accelerator"])
+    tkw.setdefault("devices", dev["devices"])
+    return pl.Trainer(default_root_dir=trial_dir, callbacks=cbs, logger=loggers,
+                      plugins=[AtomicCheckpointIO()], **tkw)
+
+
+def build_components(cfg: DictConfig, parsed: ExperimentConfig, trial_dir: str, resumed: bool, **system_kwargs):
+    from .core import registry
+
+    dm = registry.get("datamodule", parsed.data_type)(cfg.get("data", {}), path="data")
+    system = registry.get("system", parsed.system_type)(cfg.get("system", {}), resumed=resumed,
+                                                        save_dir=os.path.join(trial_dir, "save"), path="system",
+                                                        **system_kwargs)
+    return dm, system
+
+
+def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, **system_kwargs) -> str:
+    """One Lightning run (train / validate / test / export) in ``cfg.trial_dir``. Returns the trial dir."""
+    import lightning.pytorch as pl
+
+    trial_dir = str(cfg.trial_dir)
+    pl.seed_everything(parsed.seed, workers=True, verbose=False)
+    resume = parsed.resume
+    if resume is not None and not os.path.isfile(resume):
+        raise It3dError(f"resume: checkpoint not found: {resume}")
+    if mode in ("validate", "test", "export") and resume is None:
+        last = os.path.join(trial_dir, "ckpts", "last.ckpt")
+        if os.path.isfile(last):
+            resume = last
+    if mode == "train":
+        write_configs(cfg, trial_dir)
+    dm, system = build_components(cfg, parsed, trial_dir, resumed=resume is not None, **system_kwargs)
+    trainer = build_trainer(parsed, trial_dir, dev)
+    log.info(f"trial dir: {trial_dir}")
+    if mode == "train":
+        trainer.fit(system, datamodule=dm, ckpt_path=resume)
+    elif mode == "validate":
+        trainer.validate(system, datamodule=dm, ckpt_path=resume)
+    elif mode == "test":
+        trainer.test(system, datamodule=dm, ckpt_path=resume)
+    elif mode == "export":
+        trainer.predict(system, datamodule=dm, ckpt_path=resume, return_predictions=False)
+    return trial_dir

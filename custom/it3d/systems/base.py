@@ -1,0 +1,144 @@
+"""Base system: a LightningModule built from a strict Config, with saving helpers,
+step updates for every Updateable child, optimizer construction from config, and
+weighted terms (losses / guidance) evaluated with schedules."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import lightning.pytorch as pl
+import torch
+
+from ..core import io, registry
+from ..core.base import Configurable, Updateable
+from ..core.config import C, ConfigError, parse_structured, split_term, validate_dataclass
+from ..core.errors import It3dError
+
+
+class BaseSystem(pl.LightningModule, Configurable, Updateable):
+    @dataclass
+    class Config:
+        weights: Optional[str] = None  # load only model weights from this checkpoint
+        weights_ignore_modules: List[str] = field(default_factory=list)
+        optimizer: dict = field(default_factory=lambda: {"name": "Adam", "args": {"lr": 1e-3}})
+        scheduler: Optional[dict] = None
+        device: str = "auto"  # filled by launch from --gpu; components read it for model loading
+
+    def __init__(self, cfg: Any = None, resumed: bool = False, save_dir: Optional[str] = None, path: str = "system",
+                 **kwargs) -> None:
+        super().__init__()
+        self.cfg = parse_structured(self.Config, cfg, path)
+        self._save_dir = save_dir
+        self.resumed = resumed
+        self.configure(**kwargs)
+        if self.cfg.weights is not None and not resumed:
+            self.load_weights(self.cfg.weights, self.cfg.weights_ignore_modules)
+
+    @classmethod
+    def validate_config(cls, cfg: Any, path: str) -> Any:
+        return validate_dataclass(cls.Config, cfg, path)
+
+    def configure(self, **kwargs) -> None:
+        pass
+
+    # ------------------------------------------------------------------ weights / step
+    def load_weights(self, path: str, ignore_modules: Optional[List[str]] = None) -> None:
+        if not os.path.isfile(path):
+            raise It3dError(f"system.weights: checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("state_dict", state)
+        ignore = tuple(m + "." for m in (ignore_modules or []))
+        state = {k: v for k, v in state.items() if not k.startswith(ignore)}
+        self.load_state_dict(state, strict=False)
+        self.do_update_step(0, 0, on_load_weights=True)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.do_update_step(self.current_epoch, self.global_step)
+
+    def on_validation_batch_start(self, batch, batch_idx, dataloader_idx=0) -> None:
+        self.do_update_step(self.current_epoch, self.global_step)
+
+    def on_test_batch_start(self, batch, batch_idx, dataloader_idx=0) -> None:
+        self.do_update_step(self.current_epoch, self.global_step)
+
+    def on_predict_batch_start(self, batch, batch_idx, dataloader_idx=0) -> None:
+        self.do_update_step(self.current_epoch, self.global_step)
+
+    def C(self, value: Any) -> float:
+        return C(value, self.true_global_step)
+
+    @property
+    def true_global_step(self) -> int:
+        try:
+            return int(self.trainer.global_step)
+        except RuntimeError:
+            return int(getattr(self, "_fallback_step", 0))
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        ocfg = dict(self.cfg.optimizer)
+        name = ocfg.get("name", "Adam")
+        if not hasattr(torch.optim, name):
+            raise ConfigError(f"system.optimizer.name: unknown optimizer '{name}'{registry.suggest(name, dir(torch.optim))}")
+        args = dict(ocfg.get("args", {}))
+        groups = ocfg.get("params")
+        if groups:
+            params = []
+            for mod_name, gargs in groups.items():
+                mod = self
+                for part in mod_name.split("."):
+                    if not hasattr(mod, part):
+                        raise ConfigError(f"system.optimizer.params.{mod_name}: the system has no module '{mod_name}'")
+                    mod = getattr(mod, part)
+                ps = [p for p in (mod.parameters() if isinstance(mod, torch.nn.Module) else [mod]) if p.requires_grad]
+                if ps:
+                    params.append({"params": ps, **dict(gargs or {})})
+        else:
+            params = [p for p in self.parameters() if p.requires_grad]
+        opt = getattr(torch.optim, name)(params, **args)
+        if not self.cfg.scheduler:
+            return opt
+        scfg = dict(self.cfg.scheduler)
+        sname = scfg.get("name")
+        sched = getattr(torch.optim.lr_scheduler, sname)(opt, **dict(scfg.get("args", {})))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": scfg.get("interval", "step")}}
+
+    # ------------------------------------------------------------------ saving
+    def set_save_dir(self, path: str) -> None:
+        self._save_dir = path
+
+    @property
+    def save_dir(self) -> str:
+        if self._save_dir is None:
+            raise It3dError("the system has no save dir (launch.py sets it to <trial_dir>/save)")
+        return self._save_dir
+
+    def get_save_path(self, filename: str) -> str:
+        path = os.path.join(self.save_dir, filename)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def save_image(self, filename: str, img, **kw) -> str:
+        return io.save_image(self.get_save_path(filename), img, **kw)
+
+    def save_image_grid(self, filename: str, items) -> str:
+        return io.save_image_grid(self.get_save_path(filename), items)
+
+    def save_video(self, filename: str, frames, fps: int = 30) -> str:
+        return io.save_video(self.get_save_path(filename), frames, fps=fps)
+
+    # ------------------------------------------------------------------ terms
+    def build_terms(self, kind: str, entries: Dict[str, Any], path: str, **kwargs) -> Dict[str, Any]:
+        """Instantiate a named dict of ``{type, weight, ...}`` entries; returns name -> (module, weight)."""
+        modules = torch.nn.ModuleDict()
+        weights = {}
+        for name, entry in (entries or {}).items():
+            type_name, weight, rest = split_term(name, entry, path)
+            cls = registry.get(kind, type_name)
+            modules[name] = cls(rest, path=f"{path}.{name}", **kwargs)
+            weights[name] = weight
+        return modules, weights
+
+
+registry.declare_base("system", BaseSystem)

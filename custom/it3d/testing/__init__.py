@@ -1,0 +1,78 @@
+"""Offline test helpers: tiny randomly initialised pretrained models and synthetic scenes.
+
+Tiny models are built with the real architecture classes, saved in the hub's on-disk
+formats, and loaded back by the real loading code (``it3d.core.hub``). They are built
+once into a cache folder (``$IT3D_TINY_DIR``, default ``<repo>/.it3d_cache/tiny``) and
+reused; each builder is deterministic (fixed seed).
+
+``tiny_model_dir("sd")`` returns the folder of the tiny Stable Diffusion pipeline,
+building it first when needed. Builders register themselves with :func:`tiny_builder`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Callable, Dict
+
+_BUILDERS: Dict[str, Callable[[str], None]] = {}
+_VERSION = "1"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def tiny_root() -> str:
+    return os.environ.get("IT3D_TINY_DIR", os.path.join(REPO_ROOT, ".it3d_cache", "tiny"))
+
+
+def tiny_builder(name: str):
+    """Register ``fn(out_dir)`` that builds the tiny model ``name`` into ``out_dir``."""
+
+    def deco(fn):
+        if name in _BUILDERS and _BUILDERS[name] is not fn:
+            raise ValueError(f"duplicate tiny model builder '{name}'")
+        _BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_builders() -> None:
+    import importlib
+
+    for mod in ("tiny_sd", "tiny_vision", "tiny_eval"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+
+
+def tiny_model_names():
+    _load_builders()
+    return sorted(_BUILDERS)
+
+
+def tiny_model_dir(name: str, rebuild: bool = False) -> str:
+    """Folder holding tiny model ``name`` (built on first use; atomic: built in a temp dir, then renamed)."""
+    _load_builders()
+    if name not in _BUILDERS:
+        from ..core.registry import suggest
+
+        raise KeyError(f"no tiny model '{name}'{suggest(name, _BUILDERS)} (known: {', '.join(sorted(_BUILDERS))})")
+    out = os.path.join(tiny_root(), f"{name}-v{_VERSION}")
+    if rebuild and os.path.isdir(out):
+        shutil.rmtree(out)
+    if not os.path.isdir(out):
+        os.makedirs(tiny_root(), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=tiny_root())
+        try:
+            _BUILDERS[name](tmp)
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process won the race
+                if not os.path.isdir(out):
+                    raise
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out

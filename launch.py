@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""it3d command line: python launch.py --config CONFIG.yaml (--train|--validate|--test|--export|--preprocess) [key=value ...]"""
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="it3d: one image to a 3D asset", allow_abbrev=False)
+    p.add_argument("--config", required=True, nargs="+", help="one or more YAML files, merged in order")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--train", action="store_true", help="train (every stage of a staged config)")
+    mode.add_argument("--validate", action="store_true", help="run validation on a checkpoint (resume=...)")
+    mode.add_argument("--test", action="store_true", help="render the test orbit to save/ (turntable mp4)")
+    mode.add_argument("--export", action="store_true", help="write meshes / point clouds to save/")
+    mode.add_argument("--preprocess", action="store_true", help="only run the preprocessing estimators")
+    p.add_argument("--gpu", default="0", help="GPU indices, e.g. 0 or 0,1 (CPU is used when CUDA is absent)")
+    p.add_argument("--stage", default=None, help="for --test/--export/--validate on a staged run: which stage")
+    p.add_argument("--typecheck", action="store_true", help="runtime shape/type checks (jaxtyping + beartype)")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv=None) -> int:
+    args, extras = build_parser().parse_known_args(argv)
+    bad = [e for e in extras if e.startswith("-")]
+    if bad:
+        print(f"error: unknown flag {bad[0]} (overrides are key=value without dashes)", file=sys.stderr)
+        return 2
+    if args.typecheck:
+        from jaxtyping import install_import_hook
+
+        install_import_hook("it3d", "beartype.beartype")
+    sys.path.insert(0, os.path.join(HERE, "custom"))
+    from it3d.run import run_cli  # noqa: E402  (after the typecheck hook)
+
+    return run_cli(args, extras)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
