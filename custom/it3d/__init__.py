@@ -16,7 +16,7 @@ from . import losses  # noqa: E402,F401
 # component packages; each package's __init__ imports all of its modules ("base" first)
 _PACKAGES = [
     "data", "encodings", "geometry", "materials", "background", "renderers", "prompts", "guidance",
-    "preprocess", "systems", "exporters", "eval",
+    "preprocess", "builders", "systems", "exporters", "eval",
 ]
 for _p in _PACKAGES:
     importlib.import_module(f"{__name__}.{_p}")

@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from .core import io
-from .core.config import ConfigError, ExperimentConfig, load_config, validate_experiment
+from .core.config import ConfigError, ExperimentConfig, load_config, parse_structured, validate_experiment
 from .core.errors import It3dError
 
 log = logging.getLogger("it3d")
@@ -27,22 +27,33 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def import_extensions(custom_dir: str = CUSTOM_DIR) -> List[str]:
-    """Import every package in custom/ (it3d first) so its components register."""
-    if custom_dir not in sys.path:
-        sys.path.insert(0, custom_dir)
-    names = ["it3d"] + sorted(
-        d for d in os.listdir(custom_dir)
-        if d != "it3d" and not d.startswith((".", "_")) and os.path.isfile(os.path.join(custom_dir, d, "__init__.py"))
-    )
+def extension_dirs() -> List[str]:
+    """custom/ plus the folders listed in $IT3D_CUSTOM_DIRS (os.pathsep-separated)."""
+    extra = [d for d in os.environ.get("IT3D_CUSTOM_DIRS", "").split(os.pathsep) if d]
+    return [CUSTOM_DIR] + [os.path.abspath(d) for d in extra]
+
+
+def import_extensions(dirs: Optional[Sequence[str]] = None) -> List[str]:
+    """Import every package in custom/ (it3d first) and in $IT3D_CUSTOM_DIRS so its components register."""
+    names = ["it3d"]
+    for custom_dir in dirs or extension_dirs():
+        if not os.path.isdir(custom_dir):
+            raise It3dError(f"extension folder not found: {custom_dir} (check IT3D_CUSTOM_DIRS)")
+        if custom_dir not in sys.path:
+            sys.path.insert(0, custom_dir)
+        names += sorted(
+            d for d in os.listdir(custom_dir)
+            if d != "it3d" and d not in names and not d.startswith((".", "_"))
+            and os.path.isfile(os.path.join(custom_dir, d, "__init__.py"))
+        )
     for name in names:
         try:
-            importlib.import_module(name)
+            mod = importlib.import_module(name)
         except It3dError as e:
-            raise It3dError(f"extension custom/{name} failed to import: {e}") from None
+            raise It3dError(f"extension '{name}' failed to import: {e}") from None
         except Exception as e:
             detail = traceback.format_exception_only(type(e), e)[-1].strip()
-            raise It3dError(f"extension custom/{name} failed to import: {detail}") from None
+            raise It3dError(f"extension '{name}' failed to import: {detail}") from None
     return names
 
 
@@ -79,8 +90,20 @@ def prepare_config(config_files: Sequence[str], overrides: Sequence[str], device
     cfg.n_gpus = n_gpus
     if "system" in cfg and isinstance(cfg.system, DictConfig) and cfg.system.get("device", "auto") == "auto":
         cfg.system.device = device
+    if cfg.get("stages") and cfg.get("resume"):
+        from .systems.pipeline import trial_dir_from_resume
+
+        cfg.trial_dir = trial_dir_from_resume(str(cfg.resume))
     cfg.trial_dir = make_trial_dir(cfg)
-    parsed = validate_experiment(cfg)
+    if cfg.get("stages"):
+        from .systems.pipeline import prepare_stages
+
+        cfg.stage_dirs = {str(s.get("name")): os.path.join(str(cfg.trial_dir), str(s.get("name")))
+                          for s in cfg.stages if isinstance(s, DictConfig) and s.get("name")}
+        parsed = parse_structured(ExperimentConfig, cfg, "")
+        prepare_stages(cfg, device)  # every stage checked before any work starts
+    else:
+        parsed = validate_experiment(cfg)
     return cfg, parsed
 
 

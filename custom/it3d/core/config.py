@@ -90,12 +90,11 @@ def C(value: Any, step: int, epoch: int = 0) -> float:
             raise ConfigError(f"piecewise schedule points must be [step, value] pairs: {value!r}")
         if any(b[0] < a[0] for a, b in zip(pts, pts[1:])):
             raise ConfigError(f"piecewise schedule steps must be non-decreasing: {value!r}")
-        if step <= pts[0][0]:
+        # right-continuous: at a repeated step (a jump) the later point's value holds
+        if step < pts[0][0]:
             return pts[0][1]
         for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
-            if step <= s1:
-                if s1 == s0:
-                    return v1
+            if s0 <= step < s1:
                 return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
         return pts[-1][1]
     if len(value) == 4:
@@ -204,15 +203,47 @@ def parse_structured(cls, cfg: Any = None, path: str = "") -> Any:
         cfg = dataclasses.asdict(cfg)
     raw = _to_container(cfg)
     _check_keys(cls, raw, path)
+    raw, scheds = _pop_schedules(cls, raw)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cls), raw)
-        obj = OmegaConf.to_object(merged) if False else _to_dataclass(cls, merged)
+        obj = _to_dataclass(cls, merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         msg = str(getattr(e, "msg", e)).splitlines()[0]
         raise ConfigError(f"bad value for '{_join(path, key)}': {msg}") from None
+    _put_schedules(obj, scheds)
     _check_missing(cls, obj, path)
     return obj
+
+
+def _pop_schedules(cls, raw):
+    """Schedule fields may be annotated ``float`` but hold lists: keep them out of OmegaConf's type check."""
+    if not isinstance(raw, dict):
+        return raw, {}
+    raw = dict(raw)
+    scheds = {}
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        if f.metadata.get("schedule"):
+            scheds[f.name] = raw.pop(f.name)
+        elif _is_dataclass_type(types[f.name]) and isinstance(raw[f.name], dict):
+            raw[f.name], sub = _pop_schedules(types[f.name], raw[f.name])
+            if sub:
+                scheds[f.name] = sub
+    return raw, scheds
+
+
+def _put_schedules(obj, scheds) -> None:
+    for name, val in scheds.items():
+        cur = getattr(obj, name)
+        if dataclasses.is_dataclass(cur) and isinstance(val, dict):
+            _put_schedules(cur, val)
+        else:
+            if isinstance(val, list) and len(val) == 1 and not isinstance(val[0], list):
+                val = val[0]
+            setattr(obj, name, val)
 
 
 def _to_dataclass(cls, merged: DictConfig):
@@ -295,8 +326,10 @@ class ExperimentConfig:
     system: dict = field(default_factory=dict)
     trainer: dict = field(default_factory=dict)
     checkpoint: dict = field(default_factory=dict)
-    # staged pipelines: ordered list of {name, config?, overrides?}; see it3d.systems.pipeline
+    # staged pipelines (it3d.systems.pipeline): ordered list of {name, config, run, overrides}
     stages: List[Any] = field(default_factory=list)
+    stage: dict = field(default_factory=dict)  # per-stage overrides by name: stage.coarse.system.x=...
+    stage_dirs: dict = field(default_factory=dict)  # set by the pipeline: name -> stage dir (for ${stage_dirs.x})
 
 
 def _check_trainer(cfg: ExperimentConfig) -> None:

@@ -176,7 +176,8 @@ def save_ply(path: str, points, colors=None, normals=None) -> str:
     if normals is not None:
         fields += [("nx", "f4"), ("ny", "f4"), ("nz", "f4")]
         cols.append(to_numpy(normals).astype(np.float32).reshape(n, 3))
-    rec = np.empty(n, dtype=fields + ([("red", "u1"), ("green", "u1"), ("blue", "u1")] if colors is not None else []))
+    rec = np.empty(n, dtype=[(nm, "<" + t if t == "f4" else t) for nm, t in fields]
+                   + ([("red", "u1"), ("green", "u1"), ("blue", "u1")] if colors is not None else []))
     for i, name in enumerate("xyz"):
         rec[name] = pts[:, i]
     if normals is not None:
@@ -189,7 +190,7 @@ def save_ply(path: str, points, colors=None, normals=None) -> str:
             rec[name] = c[:, i]
     names = {"f4": "float", "u1": "uchar"}
     header = ["ply", "format binary_little_endian 1.0", f"element vertex {n}"]
-    header += [f"property {names[t]} {nm}" for nm, t in rec.dtype.descr]
+    header += [f"property {names[t.lstrip('<>|=')]} {nm}" for nm, t in rec.dtype.descr]
     header += ["end_header"]
     with atomic_open(path, "wb") as f:
         f.write(("\n".join(header) + "\n").encode("ascii"))

@@ -1,0 +1,3 @@
+from ..core.autoimport import import_submodules
+
+import_submodules(__name__, __path__)
