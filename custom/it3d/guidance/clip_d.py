@@ -1,0 +1,68 @@
+"""CLIP-D: SDS plus CLIP similarity to the reference on one-step denoised images (Make-It-3D Eq. 4).
+
+For samples with ``t < clip_threshold`` the noisy latent is denoised in one step,
+``x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)``, where ``eps_hat`` is the (no-grad) guided
+UNet prediction but ``x_t`` is built from the rendered image's latents *with* gradient; ``x0_hat`` is
+decoded by the VAE and embedded by a CLIP image encoder, and the loss is
+``-cos(E(ref), E(decode(x0_hat)))``. Other samples get the SDS loss. ``t`` is drawn once per sample
+and decides the branch, so the gradient reaches the rendered image (and the NeRF) in both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..core.config import C, schedule
+from ..core.errors import It3dError
+from ..core.registry import register
+from ..core.typing import Float, Tensor
+from .clip_image import clip_image_embeds, quiet_transformers
+from .stable_diffusion import StableDiffusionGuidance
+
+
+@register("clip-d", kind="guidance")
+class ClipDGuidance(StableDiffusionGuidance):
+    @dataclass
+    class Config(StableDiffusionGuidance.Config):
+        clip_model_name_or_path: str = "openai/clip-vit-large-patch14"
+        clip_subfolder: Optional[str] = None
+        clip_threshold: int = 400  # timesteps below this use the CLIP loss, the rest SDS
+        clip_weight: Any = schedule(1.0)  # multiplier of the CLIP term relative to the SDS term
+
+    def configure(self, device: Any = "cpu", **kwargs) -> None:
+        super().configure(device=device, **kwargs)
+        from transformers import CLIPVisionModelWithProjection
+
+        with quiet_transformers():
+            self.models["clip"] = self.load(CLIPVisionModelWithProjection, self.cfg.clip_subfolder,
+                                            key="clip_model_name_or_path")
+        self.ref_embeds: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def set_reference(self, ref: Dict[str, Any]) -> None:
+        super().set_reference(ref)
+        rgb = ref["rgb"].to(self.device).float().permute(0, 3, 1, 2)
+        self.ref_embeds = clip_image_embeds(self.models["clip"], rgb)
+
+    def clip_loss(self, img: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B"]:
+        if self.ref_embeds is None:
+            raise It3dError(f"{self.cfg_path}: clip-d needs the reference image (call set_reference first)")
+        emb = clip_image_embeds(self.models["clip"], img)
+        return -F.cosine_similarity(emb, self.ref_embeds.expand_as(emb), dim=-1)
+
+    def adjust_loss(self, per: Tensor, latents: Tensor, noise: Tensor, eps_hat: Tensor, t: Tensor,
+                    batch: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
+        use_clip = t < self.cfg.clip_threshold
+        extra = {"clip_fraction": use_clip.float().mean()}
+        if not bool(use_clip.any()):
+            return per, extra
+        idx = use_clip.nonzero().squeeze(1)
+        x_t = self.add_noise(latents[idx], noise[idx], t[idx])  # with gradient to the latents
+        x0 = self.predict_x0(x_t, eps_hat[idx].detach(), t[idx])
+        clip = self.clip_loss(self.vae_decode(x0))
+        weight = float(C(self.cfg.clip_weight, self.step))
+        per = per.masked_fill(use_clip, 0.0).index_add(0, idx, weight * clip)
+        return per, {**extra, "loss_clip": clip.detach().mean()}
