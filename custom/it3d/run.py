@@ -11,6 +11,7 @@ import traceback
 from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from .core import io
 from .core.config import ConfigError, ExperimentConfig, load_config, parse_structured, validate_experiment
@@ -86,6 +87,13 @@ def make_trial_dir(cfg: DictConfig) -> str:
 
 def prepare_config(config_files: Sequence[str], overrides: Sequence[str], device: str = "cpu", n_gpus: int = 1):
     """Load + merge + validate. Returns (DictConfig with trial_dir set, parsed ExperimentConfig)."""
+    try:
+        return _prepare_config(config_files, overrides, device, n_gpus)
+    except OmegaConfBaseException as e:
+        raise ConfigError(config_error_message(e)) from None
+
+
+def _prepare_config(config_files: Sequence[str], overrides: Sequence[str], device: str, n_gpus: int):
     cfg = load_config(*config_files, cli_args=overrides)
     cfg.n_gpus = n_gpus
     if "system" in cfg and isinstance(cfg.system, DictConfig) and cfg.system.get("device", "auto") == "auto":
@@ -130,9 +138,26 @@ def run_cli(args, extras: Sequence[str]) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1
+    except OmegaConfBaseException as e:
+        print(f"error: {config_error_message(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def config_error_message(e: OmegaConfBaseException) -> str:
+    """One line for an OmegaConf error that escaped validation (e.g. an interpolation of a ``???`` value)."""
+    text = (getattr(e, "msg", None) or str(e) or type(e).__name__).splitlines()[0]
+    import re
+
+    m = re.search(r"[Mm]issing mandatory value: ?([\w.\[\]]+)", text) or \
+        re.search(r"to missing value '([\w.\[\]]+)'", text)
+    if m or isinstance(e, MissingMandatoryValue):
+        key = m.group(1) if m else getattr(e, "full_key", "?")
+        return f"missing required value '{key}': set it in the YAML or on the command line ({key}=...)"
+    key = getattr(e, "full_key", None)
+    return f"config{f' key {key!r}' if key else ''}: {text}"
 
 
 def write_configs(cfg: DictConfig, trial_dir: str) -> None:

@@ -33,6 +33,22 @@ class ConfigError(It3dError, ValueError):
 
 
 # ----------------------------------------------------------------------------- resolvers
+def _image_tag(path) -> str:
+    """A run tag from an image path: its stem, or its folder's name for generic stems (rgba.png, image.png)."""
+    path = str(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if stem.lower() in ("rgba", "image", "img", "input", "rgb") and os.path.basename(os.path.dirname(path)):
+        stem = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return stem.replace(" ", "_")
+
+
+def _tiny_dir(name) -> str:
+    """``${tiny:sd}``: folder of a tiny offline test model (built on first use); for configs/tiny only."""
+    from ..testing import tiny_model_dir
+
+    return tiny_model_dir(str(name))
+
+
 def _register_resolvers() -> None:
     def _num(x):
         return float(x) if isinstance(x, str) else x
@@ -56,6 +72,8 @@ def _register_resolvers() -> None:
         "abspath": lambda p: os.path.abspath(str(p)),
         "rmspace": lambda s, sub="_": str(s).replace(" ", sub),
         "env": lambda name, default="": os.environ.get(str(name), default),
+        "image_tag": _image_tag,
+        "tiny": _tiny_dir,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -288,6 +306,8 @@ def validate_dataclass(config_cls, cfg: Any, path: str) -> Any:
         tkind = f.metadata.get("terms")
         if tkind:
             for name, entry in (getattr(parsed, f.name) or {}).items():
+                if entry is None:  # `name: null` removes an inherited entry
+                    continue
                 type_name, weight, rest = split_term(name, entry, _join(path, f.name))
                 check_schedule(weight, _join(path, f"{f.name}.{name}.weight"))
                 validate_component(tkind, type_name, rest, _join(path, f"{f.name}.{name}"))

@@ -134,6 +134,8 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
         modules = torch.nn.ModuleDict()
         weights = {}
         for name, entry in (entries or {}).items():
+            if entry is None:  # `name: null` removes an inherited entry
+                continue
             type_name, weight, rest = split_term(name, entry, path)
             cls = registry.get(kind, type_name)
             modules[name] = cls(rest, path=f"{path}.{name}", **kwargs)

@@ -38,13 +38,13 @@ log = logging.getLogger("it3d")
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
                            "configs")
 SHARED_KEYS = ("name", "tag", "seed", "exp_root_dir", "use_timestamp", "timestamp", "description")
-RUNS = ("lightning", "preprocess")
+RUNS = ("lightning", "preprocess", "text-to-image")
 
 
 @dataclass
 class StageSpec:
     name: str = "???"
-    config: Optional[str] = None
+    config: Any = None  # a file, or a list of files merged in order (paths relative to configs/)
     run: str = "lightning"
     overrides: dict = field(default_factory=dict)
 
@@ -94,13 +94,22 @@ def trial_dir_from_resume(resume: str) -> str:
 
 
 def build_stage_config(cfg: DictConfig, spec: StageSpec, trial_dir: str, specs: List[StageSpec]) -> DictConfig:
-    base = load_yaml(resolve_config_path(spec.config)) if spec.config else OmegaConf.create()
+    files = [] if not spec.config else [spec.config] if isinstance(spec.config, str) else list(spec.config)
+    base = OmegaConf.create()
+    for f in files:
+        base = OmegaConf.merge(base, load_yaml(resolve_config_path(str(f))))
+    # the root's own sections resolve against the root (where ${stage_dirs.x} and ${stage.x} live)
+    def rooted(node):
+        return OmegaConf.create(OmegaConf.to_container(node, resolve=True, throw_on_missing=False))
+
     shared = {k: cfg[k] for k in SHARED_KEYS if k in cfg}
     layers = [base, OmegaConf.create(shared)]
     if "data" in cfg:
-        layers.append(OmegaConf.create({"data": cfg.data}))
+        layers.append(OmegaConf.create({"data": rooted(cfg.data)}))
     layers.append(OmegaConf.create(spec.overrides or {}))
-    layers.append(OmegaConf.create((cfg.get("stage", {}) or {}).get(spec.name, {}) or {}))
+    own = (cfg.get("stage", {}) or {}).get(spec.name)
+    if own:
+        layers.append(rooted(own))
     scfg = OmegaConf.merge(*layers)
     scfg.trial_dir = os.path.join(trial_dir, spec.name)
     scfg.stage_dirs = {s.name: os.path.join(trial_dir, s.name) for s in specs}
@@ -110,6 +119,12 @@ def build_stage_config(cfg: DictConfig, spec: StageSpec, trial_dir: str, specs: 
     return scfg
 
 
+def own_config(cfg: DictConfig, spec: StageSpec) -> DictConfig:
+    """Config of a non-Lightning stage: its ``overrides`` <- ``stage.<name>``."""
+    return OmegaConf.merge(OmegaConf.create(spec.overrides or {}),
+                           OmegaConf.create((cfg.get("stage", {}) or {}).get(spec.name, {}) or {}))
+
+
 def prepare_stages(cfg: DictConfig, device: str) -> List[tuple]:
     """Build and validate every stage's config before any work starts."""
     specs = stage_specs(cfg)
@@ -117,7 +132,12 @@ def prepare_stages(cfg: DictConfig, device: str) -> List[tuple]:
     out = []
     for spec in specs:
         scfg = build_stage_config(cfg, spec, trial_dir, specs)
-        if spec.run == "lightning":
+        if spec.run == "text-to-image":
+            from .text_to_image import TextToImageConfig
+
+            parse_structured(TextToImageConfig, own_config(cfg, spec), f"stage.{spec.name}")
+            parsed = None
+        elif spec.run == "lightning":
             if "system" in scfg and scfg.system.get("device", "auto") == "auto":
                 scfg.system.device = device
             try:
@@ -184,6 +204,10 @@ def run_pipeline(cfg: DictConfig, parsed: Any, mode: str, dev: dict, stage: Opti
             log.info(f"stage '{spec.name}': preprocessing")
             os.makedirs(sdir, exist_ok=True)
             _run_preprocess(scfg)
+        elif spec.run == "text-to-image":
+            from .text_to_image import generate_reference
+
+            generate_reference(own_config(cfg, spec), sdir, dev["device"], path=f"stage.{spec.name}")
         else:
             last = os.path.join(sdir, "ckpts", "last.ckpt")
             if os.path.isfile(last):

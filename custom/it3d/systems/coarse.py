@@ -1,0 +1,230 @@
+"""``coarse`` system: the NeRF stage of Make-It-3D / Customize-It-3D.
+
+Training step (batch from ``single-image``): when the step is a reference step (``batch["use_ref"]``,
+or every step with ``ref_mode: always``, or every step when there is no guidance), the reference
+view is rendered (``ref_shading``, white background) and the loss terms whose ``view`` is ``ref``
+/ ``any`` are applied; on novel steps (``not use_ref``, or every step with ``ref_mode: always``;
+only when guidance terms exist) the random views are rendered with a shading drawn from the
+material's schedule, the ``random`` / ``any`` loss terms are applied, and every guidance term gets
+``(comp_rgb, batch["random"] + {"shading"}, step)``. Every term is logged as ``train/<name>``
+(loss terms on novel views as ``train/<name>_novel``; guidance extras as ``train/<name>/<key>``)
+and their weighted sum as ``train/loss``. A term whose weight is 0 at the step is never computed.
+
+Outputs: validation grids ``save/it{step}-val/{index}.png`` (rgb | depth | normal | opacity);
+``--test`` ``save/test/{rgb,normal,depth}/%04d.png`` and ``save/test/turntable.mp4`` (frame 0 =
+reference view); ``--export`` ``save/export/mesh.{obj,mtl,glb}`` + ``mesh_texture.png``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..core import io, registry
+from ..core.base import Updateable, build
+from ..core.config import ConfigError, component, terms
+from ..core.typing import Float, Tensor
+from ..data import cameras
+from ..losses import weighted_terms
+from .base import BaseSystem
+
+
+def subsample_rays(view: Dict, n: int, seed: int) -> Dict:
+    """``n`` random pixels of a 1 H W C view as a 1 x 1 x n "image" (same for every per-pixel key).
+    Image-space terms that need neighbouring pixels (normal-smooth) are then meaningless."""
+    h, w = int(view["height"]), int(view["width"])
+    if n >= h * w:
+        return view
+    idx = torch.randperm(h * w, generator=torch.Generator().manual_seed(int(seed)))[:n].to(view["rays_o"].device)
+    out = dict(view)
+    for k, v in view.items():
+        if torch.is_tensor(v) and v.dim() == 4 and v.shape[1:3] == (h, w):
+            out[k] = v.reshape(v.shape[0], h * w, -1)[:, idx].reshape(v.shape[0], 1, n, -1)
+    out["height"], out["width"] = 1, n
+    return out
+
+
+@registry.register("coarse", kind="system")
+class CoarseSystem(BaseSystem):
+    @dataclass
+    class Config(BaseSystem.Config):
+        geometry_type: str = component("geometry", "implicit-volume")
+        geometry: dict = field(default_factory=dict)
+        material_type: str = component("material", "diffuse-light")
+        material: dict = field(default_factory=dict)
+        background_type: str = component("background", "solid-color")
+        background: dict = field(default_factory=dict)
+        renderer_type: str = component("renderer", "volume")
+        renderer: dict = field(default_factory=dict)
+        exporter_type: str = component("exporter", "mesh")
+        exporter: dict = field(default_factory=dict)
+        guidance: dict = terms("guidance")
+        loss: dict = terms("loss")
+        ref_mode: str = "mixed"  # mixed: ref losses on use_ref steps, guidance otherwise | always: both every step
+        ref_shading: str = "albedo"
+        ref_bg_color: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+        eval_bg_color: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+        video_fps: int = 30
+        ref_ray_batch: int = 0  # > 0: the reference losses see this many random pixels per step (CPU runs)
+
+    cfg: Config
+
+    def configure(self, build_guidance: bool = True, **kwargs) -> None:
+        c = self.cfg
+        if c.ref_mode not in ("mixed", "always"):
+            raise ConfigError(f"system.ref_mode must be 'mixed' or 'always', got '{c.ref_mode}'")
+        self.geometry = build("geometry", c.geometry_type, c.geometry, path="system.geometry")
+        self.material = build("material", c.material_type, c.material, path="system.material")
+        self.background = build("background", c.background_type, c.background, path="system.background")
+        self.renderer = build("renderer", c.renderer_type, c.renderer, path="system.renderer", geometry=self.geometry,
+                              material=self.material, background=self.background)
+        self.losses, self.loss_weights = self.build_terms("loss", c.loss, "system.loss")
+        guidance, self.guidance_weights = ({}, {}) if not build_guidance else \
+            self.build_terms("guidance", c.guidance, "system.guidance", device=self.run_device)
+        # frozen pretrained models stay out of the module tree (and out of checkpoints)
+        self.__dict__["guidance"] = dict(guidance)
+        self._test_frames: List = []
+
+    @property
+    def run_device(self) -> torch.device:
+        d = self.cfg.device
+        return torch.device("cuda" if d == "auto" and torch.cuda.is_available() else ("cpu" if d == "auto" else d))
+
+    # ------------------------------------------------------------------ hooks
+    def _datamodule(self):
+        try:
+            return self.trainer.datamodule
+        except RuntimeError:
+            return None
+
+    def on_fit_start(self) -> None:
+        dm = self._datamodule()
+        if dm is None or not self.guidance:
+            return
+        dm.prepare() if hasattr(dm, "prepare") else None
+        ref = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in dm.reference.items()}
+        for g in self.guidance.values():
+            if hasattr(g, "set_prompt"):
+                g.set_prompt(getattr(dm, "caption", "") or "")
+            if hasattr(g, "set_reference"):
+                g.set_reference(ref)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        dm = self._datamodule()
+        if isinstance(dm, Updateable):
+            dm.do_update_step(self.current_epoch, self.global_step)
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, view: Dict, shading: Optional[str] = None, bg_color=None) -> Dict:
+        bg = None if bg_color is None else torch.as_tensor(bg_color, dtype=torch.float32, device=view["rays_o"].device)
+        return self.renderer(view["rays_o"], view["rays_d"], light_positions=view.get("light_positions"),
+                             bg_color=bg, shading=shading, c2w=view.get("c2w"))
+
+    @torch.no_grad()
+    def render_view(self, c2w: Float[Tensor, "4 4"], fovy_deg: float, height: int, width: int,
+                    shading: str = "albedo", bg_color=(1.0, 1.0, 1.0)) -> Dict:
+        """Render one camera (eval mode, no grad) -> renderer outputs with batch size 1."""
+        was = self.training
+        self.eval()
+        try:
+            c2w = c2w.to(self.device).float()
+            rays_o, rays_d = cameras.get_rays(c2w[None], height, width, float(fovy_deg))
+            view = {"rays_o": rays_o, "rays_d": rays_d, "c2w": c2w[None], "light_positions": c2w[None, :3, 3]}
+            return self.render(view, shading=shading, bg_color=bg_color)
+        finally:
+            self.train(was)
+
+    # ------------------------------------------------------------------ training
+    def _loss_terms(self, out: Dict, ref: Dict, view: str, suffix: str, logs: Dict):
+        total, vals = weighted_terms(self.losses, self.loss_weights, self.true_global_step,
+                                     lambda n, m: m(out, ref), skip=lambda n, m: not m.applies_to(view))
+        logs.update({f"train/{k}{suffix}": v for k, v in vals.items()})
+        return total
+
+    def training_step(self, batch: Dict, batch_idx: int):
+        c, step = self.cfg, self.true_global_step
+        has_guidance = bool(self.guidance)
+        do_ref = bool(batch["use_ref"]) or c.ref_mode == "always" or not has_guidance
+        do_novel = has_guidance and (not bool(batch["use_ref"]) or c.ref_mode == "always")
+        logs: Dict[str, Any] = {}
+        parts = []
+        if do_ref:
+            ref = batch["ref"]
+            if c.ref_ray_batch > 0:
+                ref = subsample_rays(ref, c.ref_ray_batch, step)
+            out = self.render(ref, shading=c.ref_shading, bg_color=c.ref_bg_color)
+            parts.append(self._loss_terms(out, ref, "ref", "", logs))
+        if do_novel:
+            rnd = batch["random"]
+            shading = self.material.sample_shading(step) if hasattr(self.material, "sample_shading") else None
+            out = self.render(rnd, shading=shading)
+            parts.append(self._loss_terms(out, batch["ref"], "random", "_novel", logs))
+            gbatch = dict(rnd, shading=out.get("shading", shading))
+
+            def call(name, g):
+                res = g(out["comp_rgb"], gbatch, step)
+                for k, v in res.items():
+                    if k != "loss" and (torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))):
+                        logs[f"train/{name}/{k}"] = float(v)
+                return res["loss"]
+
+            gtotal, gvals = weighted_terms(self.guidance, self.guidance_weights, step, call)
+            logs.update({f"train/{k}": v for k, v in gvals.items()})
+            parts.append(gtotal)
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        total = sum(parts)
+        logs["train/loss"] = total
+        for k, v in logs.items():
+            self.log(k, v.detach() if torch.is_tensor(v) else v, prog_bar=k == "train/loss", batch_size=1)
+        return total
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_render(self, batch: Dict) -> Dict:
+        out = self.render(batch, shading=None, bg_color=self.cfg.eval_bg_color)
+        op = out["opacity"][0]
+        normal = out.get("comp_normal")
+        nimg = None if normal is None else ((normal[0] + 1) / 2) * op + (1 - op)
+        depth = out.get("z_depth", out["depth"])[0]
+        return {"rgb": out["comp_rgb"][0], "opacity": op, "depth": depth, "normal": nimg}
+
+    def validation_step(self, batch: Dict, batch_idx: int) -> None:
+        r = self._eval_render(batch)
+        items = [{"type": "rgb", "img": r["rgb"]}, {"type": "depth", "img": r["depth"], "mask": r["opacity"] > 0.5}]
+        if r["normal"] is not None:
+            items.append({"type": "rgb", "img": r["normal"]})
+        items.append({"type": "grayscale", "img": r["opacity"]})
+        self.save_image_grid(f"it{self.true_global_step}-val/{batch['index']}.png", items)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_frames = []
+
+    def test_step(self, batch: Dict, batch_idx: int) -> None:
+        r = self._eval_render(batch)
+        i = int(batch["index"])
+        self.save_image(f"test/rgb/{i:04d}.png", r["rgb"])
+        if r["normal"] is not None:
+            self.save_image(f"test/normal/{i:04d}.png", r["normal"])
+        depth = io.colorize_depth(r["depth"], r["opacity"] > 0.5)
+        self.save_image(f"test/depth/{i:04d}.png", depth)
+        self._test_frames.append((i, io.to_uint8(r["rgb"])))
+
+    def on_test_epoch_end(self) -> None:
+        frames = [f for _, f in sorted(self._test_frames, key=lambda x: x[0])]
+        if frames:
+            self.save_video("test/turntable.mp4", frames, fps=self.cfg.video_fps)
+        self._test_frames = []
+
+    # ------------------------------------------------------------------ export (--export = predict loop)
+    def predict_step(self, batch: Dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        return None
+
+    def on_predict_epoch_end(self) -> None:
+        self.export()
+
+    def export(self) -> Dict[str, str]:
+        exporter = build("exporter", self.cfg.exporter_type, self.cfg.exporter, path="system.exporter")
+        return exporter.export(self, self.get_save_path("export/mesh"))

@@ -1,0 +1,270 @@
+"""``dreambooth`` system: multi-modal DreamBooth fine-tuning of Stable Diffusion (Customize-It-3D sec. 3.1).
+
+The UNet and (``train_text_encoder``) the CLIP text encoder are fine-tuned on the reference's
+instance images -- mask, depth, normal, rgb, one modality per step in the order and step counts of
+the ``dreambooth`` datamodule's schedule -- with the standard DreamBooth loss: the noise-prediction
+MSE (the target follows ``scheduler.config.prediction_type``: epsilon, v_prediction or sample) plus
+``prior_loss_weight`` x the same loss on class images ("a photo of <class>") that the base model
+generates once before training (``num_class_images``, cached in ``<save>/class_images`` with the
+settings that made them; a rerun or a resume reuses them and makes only the missing ones).
+
+Training stops after the schedule's total step count. At the end (and on ``--export``) the
+fine-tuned model is written as a diffusers ``StableDiffusionPipeline`` folder at
+``<save>/pipeline`` (written to a temp dir, then renamed), with ``it3d_dreambooth.json`` naming
+the identifier, class and per-modality prompts it was trained with. ``--test`` samples one image
+per modality prompt into ``<save>/test``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core import hub, io
+from ..core.config import ConfigError
+from ..core.errors import It3dError
+from ..core.registry import register
+from ..core.typing import Float, Int, Tensor
+from ..data.dreambooth_data import entry_at
+from .base import BaseSystem
+
+log = logging.getLogger("it3d")
+PIPELINE_INFO = "it3d_dreambooth.json"
+
+
+def training_target(scheduler, latents: Float[Tensor, "B C h w"], noise: Float[Tensor, "B C h w"],
+                    timesteps: Int[Tensor, "B"]) -> Float[Tensor, "B C h w"]:
+    """What the UNet must predict for ``scheduler.config.prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise It3dError(f"unsupported scheduler prediction_type '{kind}' (epsilon, v_prediction or sample)")
+
+
+@register("dreambooth", kind="system")
+class DreamBoothSystem(BaseSystem):
+    @dataclass
+    class Config(BaseSystem.Config):
+        pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-2-base"
+        train_text_encoder: bool = True
+        prior_preservation: bool = True
+        prior_loss_weight: float = 1.0
+        class_prompt: str = "a photo of {class_name}"
+        num_class_images: int = 200
+        class_inference_steps: int = 50
+        class_guidance_scale: float = 7.5
+        class_batch_size: int = 4
+        class_seed: int = 0
+        vae_dtype: str = "auto"  # the frozen VAE; the trained UNet / text encoder are fp32 (use trainer.precision)
+        gradient_checkpointing: bool = False
+        save_dtype: str = "fp32"  # weights of the saved pipeline: fp32 | fp16
+        sample_steps: int = 50  # --test samples
+        sample_guidance_scale: float = 7.5
+        optimizer: dict = field(default_factory=lambda: {"name": "AdamW", "args": {"lr": 1e-6, "weight_decay": 1e-2}})
+
+    cfg: Config
+
+    def configure(self, **kwargs) -> None:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        c = self.cfg
+        if c.save_dtype not in ("fp32", "fp16"):
+            raise ConfigError(f"system.save_dtype must be fp32 or fp16, got '{c.save_dtype}'")
+        dev = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.run_device = torch.device(dev)
+        name, key = c.pretrained_model_name_or_path, "system.pretrained_model_name_or_path"
+        self.tokenizer = hub.load(AutoTokenizer, name, subfolder="tokenizer", config_key=key)
+        # trained copies: never the hub's shared cached instances
+        self.unet = hub.load(UNet2DConditionModel, name, subfolder="unet", dtype="fp32", config_key=key, cache=False)
+        self.text_encoder = hub.load(CLIPTextModel, name, subfolder="text_encoder", dtype="fp32", config_key=key,
+                                     cache=False)
+        self.noise_scheduler = hub.load(DDPMScheduler, name, subfolder="scheduler", config_key=key)
+        vae = hub.load(AutoencoderKL, name, subfolder="vae", dtype=c.vae_dtype, device=self.run_device, config_key=key)
+        self._frozen = {"vae": vae}  # kept out of the state dict / checkpoints
+        self.unet.train().requires_grad_(True)
+        self.text_encoder.train(c.train_text_encoder).requires_grad_(c.train_text_encoder)
+        if c.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if c.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        self.history: List[tuple] = []  # (step, modality, prompt) of every training step of this process
+        self.class_images: Optional[Tensor] = None
+        self.class_name = ""
+
+    @property
+    def vae(self):
+        return self._frozen["vae"]
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "class_name"):
+            raise It3dError("the dreambooth system needs the 'dreambooth' datamodule (data_type: dreambooth)")
+        self.dm = dm
+        self.class_name = dm.class_name
+        if stage == "fit":
+            self.total_steps = dm.total_steps
+            if self.cfg.prior_preservation:
+                self.class_images = self.ensure_class_images(dm.cfg.resolution)
+
+    @property
+    def class_prompt(self) -> str:
+        return self.cfg.class_prompt.format(class_name=self.class_name)
+
+    def pipeline(self, unet=None, text_encoder=None, vae=None):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=vae or self.vae, text_encoder=text_encoder or self.text_encoder,
+                                       tokenizer=self.tokenizer, unet=unet or self.unet,
+                                       scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def ensure_class_images(self, resolution: int) -> Float[Tensor, "N R R 3"]:
+        """The prior-preservation images, generated by the current (base) weights once and cached."""
+        c = self.cfg
+        folder = os.path.join(self.save_dir, "class_images")
+        info = {"prompt": self.class_prompt, "resolution": resolution, "steps": c.class_inference_steps,
+                "guidance_scale": c.class_guidance_scale, "seed": c.class_seed,
+                "model": c.pretrained_model_name_or_path}
+        info_path = os.path.join(folder, "info.json")
+        try:
+            with open(info_path, encoding="utf-8") as f:
+                same = json.load(f) == info
+        except (OSError, ValueError):
+            same = False
+        if not same and os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.makedirs(folder, exist_ok=True)
+        io.write_text(info_path, json.dumps(info, indent=1))
+        paths = [os.path.join(folder, f"{i:04d}.png") for i in range(c.num_class_images)]
+        missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
+        if missing:
+            log.info(f"dreambooth: generating {len(missing)} class images for '{self.class_prompt}'")
+            pipe = self.pipeline()
+            pipe.to(self.run_device)
+            was_training = self.unet.training
+            self.unet.eval()
+            for start in range(0, len(missing), c.class_batch_size):
+                idx = missing[start:start + c.class_batch_size]
+                gen = torch.Generator(device=self.run_device).manual_seed(c.class_seed + idx[0])
+                imgs = pipe([self.class_prompt] * len(idx), num_inference_steps=c.class_inference_steps,
+                            guidance_scale=c.class_guidance_scale, height=resolution, width=resolution,
+                            generator=gen, output_type="np").images
+                for i, img in zip(idx, imgs):
+                    io.save_image(paths[i], img)
+            self.unet.train(was_training)
+        from ..data.single_image import read_image
+
+        return torch.from_numpy(np.stack([read_image(p)[..., :3] for p in paths])) if paths else None
+
+    # ------------------------------------------------------------------ training
+    def encode_prompts(self, prompts: List[str]) -> Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def diffusion_loss(self, images: Float[Tensor, "B H W 3"], prompts: List[str]) -> Float[Tensor, "B"]:
+        """Per-image DreamBooth loss: MSE between the UNet's prediction and its target at a random t."""
+        x = images.permute(0, 3, 1, 2).to(self.device) * 2.0 - 1.0
+        with torch.no_grad():
+            latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample()
+            latents = latents.float() * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        pred = self.unet(noisy, t, encoder_hidden_states=self.encode_prompts(prompts)).sample
+        target = training_target(self.noise_scheduler, latents, noise, t)
+        return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+    def training_step(self, batch: Dict[str, Any], batch_idx: int):
+        step = self.true_global_step
+        schedule = batch["schedule"]
+        modality, prompt, _ = schedule[entry_at(schedule, step)]
+        image = batch["images"][modality]
+        images, prompts = [image], [prompt]
+        if self.class_images is not None:
+            ci = self.class_images[step % len(self.class_images)][None].to(image)
+            if ci.shape[1:3] != image.shape[1:3]:
+                ci = F.interpolate(ci.permute(0, 3, 1, 2), size=image.shape[1:3], mode="bilinear",
+                                   antialias=True).permute(0, 2, 3, 1)
+            images.append(ci)
+            prompts.append(self.class_prompt)
+        losses = self.diffusion_loss(torch.cat(images), prompts)
+        loss = losses[0]
+        self.log("train/loss_instance", losses[0], prog_bar=True)
+        if len(losses) > 1:
+            loss = loss + self.cfg.prior_loss_weight * losses[1:].mean()
+            self.log("train/loss_prior", losses[1:].mean())
+        self.log("train/loss", loss)
+        self.log("train/modality", float(entry_at(schedule, step)))
+        self.history.append((step, modality, prompt))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.true_global_step >= getattr(self, "total_steps", float("inf")):
+            self.trainer.should_stop = True
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.save_pipeline()
+
+    # ------------------------------------------------------------------ outputs
+    def save_pipeline(self) -> str:
+        """Write ``<save>/pipeline`` atomically (temp dir + rename) and return its path."""
+        out = self.get_save_path("pipeline")
+        unet, text_encoder, vae = self.unet, self.text_encoder, self.vae
+        if self.cfg.save_dtype == "fp16":
+            unet, text_encoder, vae = (copy.deepcopy(m).to("cpu", torch.float16) for m in (unet, text_encoder, vae))
+        tmp = tempfile.mkdtemp(prefix=".pipeline.", dir=self.save_dir)
+        try:
+            self.pipeline(unet, text_encoder, vae).save_pretrained(tmp, safe_serialization=True)
+            prompts = {m: p for m, p, _ in self.dm.schedule}
+            info = {"identifier": self.dm.cfg.identifier, "class_name": self.class_name, "caption": self.dm.caption,
+                    "prompts": prompts, "class_prompt": self.class_prompt, "steps": [s for _, _, s in self.dm.schedule],
+                    "base_model": self.cfg.pretrained_model_name_or_path}
+            io.write_text(os.path.join(tmp, PIPELINE_INFO), json.dumps(info, indent=1))
+            old = None
+            if os.path.isdir(out):
+                old = tempfile.mkdtemp(prefix=".pipeline.old.", dir=self.save_dir)
+                os.replace(out, os.path.join(old, "pipeline"))
+            os.replace(tmp, out)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        log.info(f"dreambooth: pipeline saved to {out}")
+        return out
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        return None
+
+    def on_predict_epoch_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.save_pipeline()
+
+    @torch.no_grad()
+    def test_step(self, batch, batch_idx):
+        pipe = self.pipeline()
+        gen = torch.Generator(device=self.device).manual_seed(int(batch["index"]))
+        res = self.dm.cfg.resolution
+        img = pipe(batch["prompt"], num_inference_steps=self.cfg.sample_steps, height=res, width=res,
+                   guidance_scale=self.cfg.sample_guidance_scale, generator=gen, output_type="np").images[0]
+        self.save_image(f"test/{int(batch['index']):02d}_{batch['modality']}.png", img)

@@ -1,0 +1,270 @@
+"""Refine stage (Make-It-3D sec 3.3 + B.2, Customize-It-3D sec 3.3 + A.2): a point cloud with
+neural descriptors, rendered by the deferred point renderer and trained with
+
+* a reference-view L1 loss against the masked reference (the reference image composited on
+  white, over the whole image) -- ``loss.lambda_ref_rgb`` (1000);
+* the guidance terms (``guidance``: ``{name: {type, weight, ...}}``) on novel views
+  (``batch["random"]``);
+* a colour regulariser: mean squared distance of each descriptor's RGB channels to the point's
+  initial colour, averaged separately over reference points (``lambda_color_ref``, 1e5) and
+  novel points (``lambda_color_novel``, 1e3);
+* a white-background regulariser: L1 distance to white of the pixels outside the rasterizer's
+  occupancy mask, averaged over all pixels, in the reference and the novel views
+  (``lambda_white_bg``).
+
+Start-up (``fit`` without a checkpoint): the coarse stage (``coarse_stage_dir``, or
+``coarse_config`` + ``coarse_ckpt``) is loaded, the builder turns it and the datamodule's
+reference into the point cloud, which is saved as ``save/points_init.ply``. On resume (or with
+``weights``) the point cloud comes from the checkpoint instead.
+
+``--test`` renders the orbit to ``save/test/rgb/%04d.png`` (frame 0 = reference) and
+``save/test/turntable.mp4``; ``--export`` runs the point-cloud and mesh exporters.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..core import io, registry
+from ..core.config import C, ConfigError, component, schedule, terms
+from ..core.errors import It3dError
+from ..core.typing import Float, Tensor
+from .base import BaseSystem
+
+log = logging.getLogger("it3d")
+
+
+@dataclass
+class RefineLoss:
+    lambda_ref_rgb: Any = schedule(1000.0)
+    lambda_color_ref: Any = schedule(1e5)
+    lambda_color_novel: Any = schedule(1e3)
+    lambda_white_bg: Any = schedule(1000.0)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_coarse(stage_dir: Optional[str], config: Optional[str], ckpt: Optional[str], device: torch.device):
+    """The coarse stage as ``it3d.systems.loading.load_stage`` returns it, or None when none is configured."""
+    if not (stage_dir or config or ckpt):
+        return None
+    from . import loading
+
+    if stage_dir:
+        if not os.path.isdir(stage_dir):
+            raise It3dError(f"system.coarse_stage_dir: not a directory: {stage_dir}")
+        return loading.load_stage(stage_dir, device)
+    if config or ckpt:
+        if not (config and ckpt):
+            raise ConfigError("system.coarse_config and system.coarse_ckpt must be given together "
+                              "(or give system.coarse_stage_dir)")
+        return loading.load_stage(None, device, config_path=config, ckpt_path=ckpt)
+
+
+@registry.register("refine", kind="system")
+class RefineSystem(BaseSystem):
+    @dataclass
+    class Config(BaseSystem.Config):
+        coarse_stage_dir: Optional[str] = None
+        coarse_config: Optional[str] = None  # with coarse_ckpt: instead of coarse_stage_dir
+        coarse_ckpt: Optional[str] = None
+        builder_type: str = component("builder", "depth-unprojection")
+        builder: dict = field(default_factory=dict)
+        geometry_type: str = component("geometry", "point-cloud")
+        geometry: dict = field(default_factory=dict)
+        renderer_type: str = component("renderer", "point-deferred")
+        renderer: dict = field(default_factory=dict)
+        guidance: dict = terms("guidance")
+        loss: RefineLoss = field(default_factory=RefineLoss)
+        point_exporter_type: str = component("exporter", "refined-point-cloud")
+        point_exporter: dict = field(default_factory=dict)
+        mesh_exporter_type: str = component("exporter", "refined-mesh")
+        mesh_exporter: dict = field(default_factory=dict)
+        video_fps: int = 30
+
+    cfg: Config
+
+    def configure(self, coarse: Any = None, build_guidance: bool = True, **kwargs) -> None:
+        """``coarse``: an already loaded coarse system (the pipeline may share its load; tests pass a stand-in);
+        ``build_guidance=False`` (load_stage): no guidance models, for rendering and export only."""
+        self.run_device = resolve_device(self.cfg.device)
+        self.geometry = registry.get("geometry", self.cfg.geometry_type)(self.cfg.geometry, path="system.geometry")
+        self.renderer = registry.get("renderer", self.cfg.renderer_type)(self.cfg.renderer, path="system.renderer",
+                                                                         geometry=self.geometry)
+        mods, self.guidance_weights = self.build_terms("guidance", self.cfg.guidance if build_guidance else {},
+                                                       "system.guidance", device=self.run_device)
+        self.guidance = dict(mods.items())  # plain dict: pretrained models stay out of the checkpoint
+        self._coarse = [coarse]  # a list: the coarse system must not become a sub-module (checkpoint)
+
+    # ------------------------------------------------------------------ coarse stage / start-up
+    @property
+    def coarse(self):
+        """The coarse stage (loaded on first use)."""
+        if self._coarse[0] is None:
+            loaded = load_coarse(self.cfg.coarse_stage_dir, self.cfg.coarse_config, self.cfg.coarse_ckpt,
+                                 self.run_device)
+            self._coarse[0] = loaded[0] if isinstance(loaded, tuple) else loaded  # load_stage: (system, dm)
+        return self._coarse[0]
+
+    def reference(self) -> Dict[str, Any]:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "reference"):
+            raise It3dError("the refine system needs a datamodule with a reference view (single-image)")
+        return dm.reference
+
+    def build_point_cloud(self, reference: Dict[str, Any]) -> None:
+        builder = registry.get("builder", self.cfg.builder_type)(self.cfg.builder, path="system.builder",
+                                                                 device=self.run_device)
+        coarse = self.coarse
+        if coarse is None and getattr(builder, "needs_coarse", True):
+            raise ConfigError(f"builder '{self.cfg.builder_type}' needs the coarse stage: set system.coarse_stage_dir "
+                              "(or system.coarse_config + system.coarse_ckpt)")
+        pts = builder.build(coarse, reference)
+        for key in ("positions", "colors", "is_ref"):
+            if key not in pts:
+                raise It3dError(f"builder '{self.cfg.builder_type}' returned no '{key}' (got {sorted(pts)})")
+        dev = self.geometry.positions.device
+        self.geometry.set_points(pts["positions"].to(dev), pts["colors"].to(dev), pts["is_ref"].to(dev))
+        io.save_ply(self.get_save_path("points_init.ply"), pts["positions"], pts["colors"])
+        log.info(f"refine: built {self.geometry.num_points} points "
+                 f"({int(pts['is_ref'].sum())} from the reference view) -> save/points_init.ply")
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.geometry.num_points == 0 and not self.resumed:
+            self.build_point_cloud(self.reference())
+
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        for g in self.guidance.values():
+            g.set_prompt(getattr(dm, "caption", "") or "")
+            g.set_reference(dm.reference)
+
+    def _check_points(self) -> None:
+        if self.geometry.num_points == 0:
+            raise It3dError("refine: the point cloud is empty: train first, or give a checkpoint (resume=...)")
+
+    # ------------------------------------------------------------------ rendering
+    def render_batch(self, batch: Dict[str, Any], bg_color: Optional[Tensor] = None) -> Dict[str, Any]:
+        return self.renderer(batch["c2w"].to(self.device), batch["fovy"].to(self.device), int(batch["height"]),
+                             int(batch["width"]), bg_color=bg_color)
+
+    def render_view(self, c2w: Float[Tensor, "4 4"], fovy_deg: float, height: int, width: int,
+                    bg_color: Optional[Tensor] = None, **kwargs: Any) -> Dict[str, Any]:
+        """One view (1 H W C outputs), as the coarse system's ``render_view``."""
+        fovy = torch.as_tensor(fovy_deg, dtype=torch.float32, device=self.device).reshape(1)
+        return self.renderer(c2w.reshape(1, 4, 4).to(self.device).float(), fovy, int(height), int(width),
+                             bg_color=bg_color)
+
+    # ------------------------------------------------------------------ losses
+    @staticmethod
+    def white_bg_loss(out: Dict[str, Any]) -> Tensor:
+        return ((1.0 - out["opacity"]) * (1.0 - out["comp_rgb"]).abs()).mean()
+
+    def color_reg_loss(self):
+        geo = self.geometry
+        err = ((geo.descriptors[:, :3] - geo.init_colors) ** 2).sum(-1)
+        ref, nov = geo.is_ref, ~geo.is_ref
+        zero = err.sum() * 0.0
+        return (err[ref].mean() if ref.any() else zero), (err[nov].mean() if nov.any() else zero)
+
+    def training_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
+        L, step = self.cfg.loss, self.true_global_step
+        terms_: Dict[str, tuple] = {}
+        ref = batch["ref"]
+        out = self.render_batch(ref)
+        terms_["ref_rgb"] = (self.C(L.lambda_ref_rgb), F.l1_loss(out["comp_rgb"], ref["rgb"].to(self.device)))
+        bg_w = self.C(L.lambda_white_bg)
+        bg_terms = [self.white_bg_loss(out)]
+        active = {k: g for k, g in self.guidance.items() if self.C(self.guidance_weights[k]) != 0}
+        if active:
+            rnd = batch["random"]
+            out_n = self.render_batch(rnd)
+            for name, g in active.items():
+                res = g(out_n["comp_rgb"], rnd, step)
+                terms_[f"guidance_{name}"] = (self.C(self.guidance_weights[name]), res["loss"])
+                for k, v in res.items():
+                    if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
+                        self.log(f"train/{name}_{k}", v.float())
+            bg_terms.append(self.white_bg_loss(out_n))
+        if bg_w != 0:
+            terms_["white_bg"] = (bg_w, sum(bg_terms) / len(bg_terms))
+        reg_ref, reg_nov = self.color_reg_loss()
+        terms_["color_ref"] = (self.C(L.lambda_color_ref), reg_ref)
+        terms_["color_novel"] = (self.C(L.lambda_color_novel), reg_nov)
+        total = 0.0
+        for name, (w, v) in terms_.items():
+            self.log(f"train/loss_{name}", v.detach())
+            if w != 0:
+                total = total + w * v
+        self.log("train/loss", total.detach(), prog_bar=True)
+        return total
+
+    # ------------------------------------------------------------------ validation / test
+    @torch.no_grad()
+    def reference_psnr(self) -> float:
+        from ..eval.metrics import psnr
+
+        ref = self.reference()
+        out = self.render_batch(ref)
+        return float(psnr(out["comp_rgb"].clamp(0, 1), ref["rgb"].to(self.device))[0])
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        out = self.render_batch(batch)
+        self.save_image_grid(f"it{self.true_global_step}-{int(batch['index'])}.png", [
+            {"type": "rgb", "img": out["comp_rgb"][0]},
+            {"type": "mask", "img": out["opacity"][0]},
+            {"type": "rgb", "img": out["features"][0][0, ..., :3]},
+        ])
+
+    def on_validation_epoch_end(self) -> None:
+        value = self.reference_psnr()
+        self.log("val/ref_psnr", value)
+        log.info(f"refine step {self.true_global_step}: reference-view PSNR {value:.2f} dB")
+
+    def on_test_epoch_start(self) -> None:
+        self._check_points()
+
+    def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        out = self.render_batch(batch)
+        self.save_image(f"test/rgb/{int(batch['index']):04d}.png", out["comp_rgb"][0])
+
+    def on_test_epoch_end(self) -> None:
+        from PIL import Image
+        import numpy as np
+
+        paths = sorted(glob.glob(os.path.join(self.save_dir, "test", "rgb", "*.png")))
+        frames = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        if frames:
+            self.save_video("test/turntable.mp4", frames, fps=self.cfg.video_fps)
+
+    # ------------------------------------------------------------------ export
+    def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        return None
+
+    def on_predict_epoch_end(self) -> None:
+        self._check_points()
+        self.export()
+
+    def export(self) -> Dict[str, str]:
+        """Run the configured exporters (``none`` skips one); returns the written paths."""
+        written: Dict[str, str] = {}
+        for type_field, cfg_field, target in (("point_exporter_type", "point_exporter", "export/points.ply"),
+                                              ("mesh_exporter_type", "mesh_exporter", "export/mesh")):
+            name = getattr(self.cfg, type_field)
+            if name in (None, "", "none"):
+                continue
+            exporter = registry.get("exporter", name)(getattr(self.cfg, cfg_field), path=f"system.{cfg_field}")
+            for k, p in exporter.export(self, self.get_save_path(target)).items():
+                written[f"{cfg_field}.{k}"] = p
+                log.info(f"export: {p}")
+        return written
