@@ -118,7 +118,9 @@ def _load_uncached(cls, id_or_path, subfolder, torch_dtype, config_key, **kwargs
     if subfolder:
         kw["subfolder"] = subfolder
     if torch_dtype is not None and _accepts_dtype(cls):
-        kw["torch_dtype"] = torch_dtype
+        # transformers 5 and diffusers models take `dtype`; diffusers pipelines still `torch_dtype`
+        pipeline = getattr(cls, "__module__", "").startswith("diffusers") and cls.__name__.endswith("Pipeline")
+        kw["torch_dtype" if pipeline else "dtype"] = torch_dtype
     path = local_dir(id_or_path)
     if path is not None:
         try:

@@ -1,0 +1,176 @@
+"""Multi-modal DreamBooth stage on the tiny Stable Diffusion, driven by Lightning through it3d.run:
+schedule order and proportions, weights that change, class images cached, the saved pipeline, resume."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from it3d.core import hub
+from it3d.core.config import ConfigError
+from it3d.data.dreambooth_data import DreamBoothDataModule, entry_at, modality_image
+from it3d.run import prepare_config, run_stage
+from it3d.systems.dreambooth import training_target
+from it3d.testing import tiny_model_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "stages", "dreambooth.yaml")
+DEV = {"accelerator": "cpu", "devices": 1, "device": "cpu"}
+
+
+def make_inputs(folder):
+    """A 48 x 48 RGBA photo with hand-made depth / normal maps beside it (no preprocessing models)."""
+    rgba = np.zeros((48, 48, 4), np.uint8)
+    rgba[8:40, 12:36] = (40, 90, 200, 255)
+    Image.fromarray(rgba).save(folder / "box.png")
+    disp = np.zeros((48, 48), np.uint8)
+    disp[8:40, 12:36] = np.linspace(60, 250, 24, dtype=np.float32).astype(np.uint8)[None]
+    Image.fromarray(disp).save(folder / "box_depth.png")
+    normal = np.full((48, 48, 3), (128, 128, 255), np.uint8)
+    Image.fromarray(normal).save(folder / "box_normal.png")
+    return str(folder / "box.png")
+
+
+def stage_cfg(tmp_path, *extra):
+    image = make_inputs(tmp_path)
+    overrides = [
+        f"data.image_path={image}", "data.resolution=64", "data.step_scale=0.04",
+        "data.caption=a photo of a small blue box on a table", "data.require_normal=true",
+        f"system.pretrained_model_name_or_path={tiny_model_dir('sd')}", "system.num_class_images=2",
+        "system.class_inference_steps=2", "system.class_batch_size=2", "system.sample_steps=2",
+        "system.optimizer.args.weight_decay=0.0", f"exp_root_dir={tmp_path / 'out'}", "use_timestamp=false",
+        "trainer.enable_progress_bar=false", *extra]
+    return prepare_config([CONFIG], overrides, device="cpu")
+
+
+def state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_dreambooth_stage_trains_in_order_and_saves_a_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cfg, parsed = stage_cfg(tmp_path)
+    captured = {}
+    import it3d.systems.dreambooth as db
+
+    orig_end = db.DreamBoothSystem.on_train_end
+
+    def keep(self):
+        captured["system"] = self
+        orig_end(self)
+
+    db.DreamBoothSystem.on_train_end = keep
+    try:
+        trial = run_stage(cfg, parsed, "train", DEV)
+    finally:
+        db.DreamBoothSystem.on_train_end = orig_end
+    system = captured["system"]
+    # 25 / 50 / 50 / 75 steps x 0.04 -> 1 / 2 / 2 / 3, in the order mask, depth, normal, rgb
+    assert [m for _, m, _ in system.history] == ["mask", "depth", "depth", "normal", "normal", "rgb", "rgb", "rgb"]
+    assert [s for s, _, _ in system.history] == list(range(8))
+    prompts = dict((m, p) for _, m, p in system.history)
+    assert prompts == {"mask": "a foreground mask of sks small blue box", "depth": "a depth map of sks small blue box",
+                       "normal": "a normal map of sks small blue box", "rgb": "a rgb photo of sks small blue box"}
+    # class images: generated once by the base model, cached with their settings
+    class_dir = os.path.join(trial, "save", "class_images")
+    assert sorted(os.listdir(class_dir)) == ["0000.png", "0001.png", "info.json"]
+    assert json.load(open(os.path.join(class_dir, "info.json")))["prompt"] == "a photo of small blue box"
+    assert Image.open(os.path.join(class_dir, "0000.png")).size == (64, 64)
+
+    pipe_dir = os.path.join(trial, "save", "pipeline")
+    assert not [d for d in os.listdir(os.path.join(trial, "save")) if d.startswith(".pipeline")]  # temp dirs gone
+    info = json.load(open(os.path.join(pipe_dir, "it3d_dreambooth.json")))
+    assert info["class_name"] == "small blue box" and info["steps"] == [1, 2, 2, 3]
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
+    base_unet = UNet2DConditionModel.from_pretrained(tiny_model_dir("sd"), subfolder="unet")
+    base_text = CLIPTextModel.from_pretrained(tiny_model_dir("sd"), subfolder="text_encoder")
+    for tuned, base in ((pipe.unet, base_unet), (pipe.text_encoder, base_text)):
+        new, old = state(tuned), state(base)
+        diffs = [(new[k] - old[k]).abs().max().item() for k in old if old[k].is_floating_point()]
+        # AdamW, lr 1e-6, no weight decay: every parameter moves by at most ~lr per step (8 steps)
+        assert max(diffs) > 0 and max(diffs) < 8 * 1e-6 * 1.5
+    assert torch.equal(state(pipe.unet)["conv_in.weight"], system.unet.state_dict()["conv_in.weight"].cpu())
+    hub_unet = hub.load(UNet2DConditionModel, pipe_dir, subfolder="unet", device="cpu")
+    assert torch.equal(hub_unet.conv_in.weight, pipe.unet.conv_in.weight)
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = hub.load(StableDiffusionImg2ImgPipeline, pipe_dir, dtype="fp32", device="cpu")  # the enhancer's load
+    assert torch.equal(img2img.text_encoder.get_input_embeddings().weight,
+                       pipe.text_encoder.get_input_embeddings().weight)
+    img = pipe("a rgb photo of sks small blue box", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert img.shape == (1, 64, 64, 3)
+    assert os.path.isfile(os.path.join(trial, "ckpts", "last.ckpt"))
+
+
+def test_dreambooth_resume_continues_the_schedule_and_rgb_only_ablation(tmp_path):
+    two = ('data.modalities=[{modality: mask, prompt: "a foreground mask of {identifier} {class_name}", steps: 25}, '
+           '{modality: rgb, prompt: "a rgb photo of {identifier} {class_name}", steps: 75}]')  # 1 + 3 steps
+    cfg, parsed = stage_cfg(tmp_path, two, "trainer.max_steps=2")
+    trial = run_stage(cfg, parsed, "train", DEV)
+    ckpt = os.path.join(trial, "ckpts", "last.ckpt")
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+    stamp = os.path.getmtime(os.path.join(trial, "save", "class_images", "0000.png"))
+
+    import it3d.systems.dreambooth as db
+
+    seen = []
+    orig = db.DreamBoothSystem.training_step
+
+    def spy(self, batch, batch_idx):
+        out = orig(self, batch, batch_idx)
+        seen.append(self.history[-1][:2])
+        return out
+
+    db.DreamBoothSystem.training_step = spy
+    try:
+        cfg2, parsed2 = stage_cfg(tmp_path, two, "trainer.max_steps=100", f"resume={ckpt}")
+        run_stage(cfg2, parsed2, "train", DEV)
+    finally:
+        db.DreamBoothSystem.training_step = orig
+    assert seen == [(2, "rgb"), (3, "rgb")]
+    assert os.path.getmtime(os.path.join(trial, "save", "class_images", "0000.png")) == stamp  # reused
+    assert os.path.isdir(os.path.join(trial, "save", "pipeline"))
+
+    rgb_only = 'data.modalities=[{modality: rgb, prompt: "a rgb photo of {identifier} {class_name}", steps: 75}]'
+    cfg3, parsed3 = stage_cfg(tmp_path, rgb_only, "tag=rgb", "system.prior_preservation=false")
+    from it3d.core import registry
+
+    dm = registry.get("datamodule", "dreambooth")(cfg3.data, path="data")
+    dm.setup("fit")
+    assert dm.schedule == [("rgb", "a rgb photo of sks small blue box", 3)] and dm.total_steps == 3
+
+
+def test_training_target_by_hand():
+    from diffusers import DDPMScheduler
+
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 700])
+    eps = DDPMScheduler(prediction_type="epsilon")
+    assert torch.equal(training_target(eps, latents, noise, t), noise)
+    v = DDPMScheduler(prediction_type="v_prediction")
+    ab = v.alphas_cumprod[t].reshape(2, 1, 1, 1)
+    expect = ab.sqrt() * noise - (1 - ab).sqrt() * latents  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+    assert torch.allclose(training_target(v, latents, noise, t), expect, atol=1e-6)
+
+
+def test_schedule_and_modality_images():
+    sched = [("mask", "p0", 25), ("depth", "p1", 50), ("normal", "p2", 50), ("rgb", "p3", 75)]
+    assert [entry_at(sched, s) for s in (0, 24, 25, 74, 75, 124, 125, 199, 200, 500)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    mask = torch.tensor([[0.0, 1.0, 1.0]]).reshape(1, 1, 3, 1)
+    depth = torch.tensor([[9.0, 2.0, 4.0]]).reshape(1, 1, 3, 1)
+    img = modality_image("depth", torch.ones(1, 1, 3, 3), mask, depth)
+    assert img[0, 0, :, 0].tolist() == [0.0, 1.0, 0.0]  # near = bright over the mask, black outside
+    normal = torch.tensor([[0.0, 0.0, 1.0]]).expand(1, 1, 3, 3)
+    assert modality_image("normal", torch.ones(1, 1, 3, 3), mask, normal=normal)[0, 0, 1].tolist() == [0.5, 0.5, 1.0]
+    with pytest.raises(ConfigError, match="did you mean 'normal'"):
+        modality_image("normals", torch.ones(1, 1, 3, 3), mask)
+
+
+def test_bad_modality_config_names_the_key(tmp_path):
+    cfg, _ = stage_cfg(tmp_path, 'data.modalities=[{modality: rgbb, prompt: "x", steps: 1}]')
+    with pytest.raises(ConfigError, match="data.modalities.0.modality"):
+        DreamBoothDataModule(cfg.data, path="data")
