@@ -129,7 +129,7 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
         return io.save_video(self.get_save_path(filename), frames, fps=fps)
 
     # ------------------------------------------------------------------ terms
-    def build_terms(self, kind: str, entries: Dict[str, Any], path: str, **kwargs) -> Dict[str, Any]:
+    def build_terms(self, kind: str, entries: Any, path: str, **kwargs) -> Any:
         """Instantiate a named dict of ``{type, weight, ...}`` entries; returns name -> (module, weight)."""
         modules = torch.nn.ModuleDict()
         weights = {}
