@@ -15,6 +15,12 @@ import numpy as np
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: Optional[str] = None) -> Iterator[str]:
     """Yield a temp path beside ``path``; on success rename it to ``path``."""
@@ -25,6 +31,7 @@ def atomic_path(path: str, suffix: Optional[str] = None) -> Iterator[str]:
         suffix = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as f:

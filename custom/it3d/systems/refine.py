@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import io, registry
-from ..core.config import C, ConfigError, component, schedule, terms
+from ..core.config import ConfigError, component, schedule, terms
 from ..core.errors import It3dError
 from ..core.typing import Float, Tensor
 from .base import BaseSystem
@@ -120,7 +120,7 @@ class RefineSystem(BaseSystem):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "reference"):
             raise It3dError("the refine system needs a datamodule with a reference view (single-image)")
-        return dm.reference
+        return {**dm.reference, "caption": getattr(dm, "caption", "")}
 
     def build_point_cloud(self, reference: Dict[str, Any]) -> None:
         builder = registry.get("builder", self.cfg.builder_type)(self.cfg.builder, path="system.builder",

@@ -1,0 +1,225 @@
+"""Differentiable point rasterizer in pure PyTorch (optional pytorch3d backend).
+
+Every point is a disc of ``radius`` pixels in screen space. A pixel whose centre lies at
+distance ``d`` from a point's projection receives that point as a fragment with alpha
+``1 - d^2 / r^2``; each pixel keeps its ``k`` nearest-in-depth fragments, which are
+alpha-composited front to back over a background feature:
+
+    out = sum_k a_k prod_{j<k} (1 - a_j) f_k + prod_k (1 - a_k) f_bg
+
+All of it is vectorised: every point is splatted to the (2R+1)^2 pixels of its window
+(R = ceil(radius)) in chunks of points, the fragments are sorted once by (pixel, depth)
+with a single int64 key, and the first ``k`` of each pixel are scattered into a dense
+(B, H, W, k) buffer. Nothing loops over points.
+
+Positions are treated as fixed (no gradient to them); gradients flow to the per-point
+features and the background feature. :class:`WeightedGather` does the compositing sum
+without keeping the (B, H, W, k, C) gathered features for the backward pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..core.errors import It3dError
+from ..core.typing import Float, Int, Tensor
+from ..data.cameras import project
+
+_DEPTH_BITS = 31
+
+
+class Fragments(NamedTuple):
+    idx: Int[Tensor, "B H W K"]  # point index, -1 where empty; sorted near to far
+    dist2: Float[Tensor, "B H W K"]  # squared pixel distance from the pixel centre to the projection
+    depth: Float[Tensor, "B H W K"]  # depth along the viewing axis (inf where empty)
+
+
+def project_points(points: Float[Tensor, "N 3"], c2w: Float[Tensor, "B 4 4"], fovy: Float[Tensor, "B"],
+                   height: int, width: int):
+    """Pixel coordinates (B, N, 2) as (col, row), continuous, and depths (B, N) for each camera."""
+    xys, zs = [], []
+    for b in range(c2w.shape[0]):  # one camera at a time (a batch is a handful of views)
+        xy, z = project(points.float(), c2w[b].float(), fovy[b], height, width)
+        xys.append(xy)
+        zs.append(z)
+    return torch.stack(xys), torch.stack(zs)
+
+
+def _splat(xy: Tensor, z: Tensor, height: int, width: int, radius: float, near: float, chunk: int):
+    """All (pixel, point) pairs with the pixel centre inside the point's disc.
+
+    Returns flat pixel ids (in [0, B*H*W)), point ids, squared distances and depths.
+    """
+    bsz, n = z.shape
+    rr = int(math.ceil(radius))
+    off = torch.arange(-rr, rr + 1, device=xy.device)
+    oy, ox = torch.meshgrid(off, off, indexing="ij")
+    oy, ox = oy.reshape(-1), ox.reshape(-1)  # T offsets
+    r2 = radius * radius
+    pix_all, pt_all, d2_all, z_all = [], [], [], []
+    for b in range(bsz):
+        ok = (z[b] > near) & (xy[b, :, 0] > -radius) & (xy[b, :, 0] < width + radius) \
+            & (xy[b, :, 1] > -radius) & (xy[b, :, 1] < height + radius)
+        ids = torch.nonzero(ok).squeeze(1)
+        for s in range(0, ids.numel(), chunk):
+            pid = ids[s:s + chunk]
+            x, y = xy[b, pid, 0], xy[b, pid, 1]
+            cx = torch.floor(x).long()[:, None] + ox  # candidate pixel columns, (n, T)
+            cy = torch.floor(y).long()[:, None] + oy
+            d2 = (cx.to(x.dtype) + 0.5 - x[:, None]) ** 2 + (cy.to(y.dtype) + 0.5 - y[:, None]) ** 2
+            keep = (d2 < r2) & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+            rows, cols = torch.nonzero(keep, as_tuple=True)
+            pix_all.append(b * height * width + cy[rows, cols] * width + cx[rows, cols])
+            pt_all.append(pid[rows])
+            d2_all.append(d2[rows, cols])
+            z_all.append(z[b, pid[rows]])
+    if not pix_all:
+        empty = torch.zeros(0, device=xy.device)
+        return empty.long(), empty.long(), empty, empty
+    return torch.cat(pix_all), torch.cat(pt_all), torch.cat(d2_all), torch.cat(z_all)
+
+
+def rasterize_torch(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height: int, width: int, radius: float,
+                    k: int, near: float = 1e-4, chunk: int = 1 << 18) -> Fragments:
+    """Rasterize projected points (pixel coordinates + depth) into per-pixel fragment lists."""
+    if radius <= 0 or k < 1:
+        raise It3dError(f"point rasterizer: radius must be > 0 and k >= 1 (got radius={radius}, k={k})")
+    bsz = z.shape[0]
+    npix = bsz * height * width
+    device = xy.device
+    with torch.no_grad():
+        pix, pt, d2, dep = _splat(xy.detach(), z.detach(), height, width, float(radius), near, chunk)
+        idx = torch.full((npix, k), -1, dtype=torch.long, device=device)
+        dist2 = torch.zeros(npix, k, device=device)
+        depth = torch.full((npix, k), float("inf"), device=device)
+        if pix.numel() > 0:
+            lo, hi = dep.min().double(), dep.max().double()
+            top = (1 << _DEPTH_BITS) - 1  # float32 would round this up to 2^31 and spill into the pixel bits
+            q = ((dep.double() - lo) / (hi - lo).clamp_min(1e-12) * top).long().clamp_(0, top)
+            key = (pix << _DEPTH_BITS) | q  # one sort orders by pixel, then by depth
+            key, order = torch.sort(key)
+            spix = key >> _DEPTH_BITS
+            first = torch.searchsorted(spix, spix)  # index of the first fragment of each pixel
+            rank = torch.arange(spix.numel(), device=device) - first
+            sel = rank < k
+            o = order[sel]
+            p, r = spix[sel], rank[sel]
+            idx[p, r] = pt[o]
+            dist2[p, r] = d2[o].float()
+            depth[p, r] = dep[o].float()
+    shape = (bsz, height, width, k)
+    return Fragments(idx.view(shape), dist2.view(shape), depth.view(shape))
+
+
+def rasterize_pytorch3d(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height: int, width: int,
+                        radius: float, k: int, near: float = 1e-4) -> Fragments:
+    """Same fragments through ``pytorch3d.renderer.points.rasterize_points`` (imported lazily).
+
+    pytorch3d's screen NDC has +x left, +y up and the shorter side spanning [-1, 1]; its
+    radius and distances are in NDC units, converted here to pixels.
+    """
+    try:
+        from pytorch3d.renderer.points import rasterize_points
+        from pytorch3d.structures import Pointclouds
+    except ImportError as e:
+        raise It3dError(f"point rasterizer backend 'pytorch3d' needs pytorch3d ({e}); use backend: torch") from None
+    s = float(min(height, width))
+    ndc = torch.stack([(width - 2 * xy[..., 0]) / s, (height - 2 * xy[..., 1]) / s, z], -1).float()
+    ndc = torch.where((z > near)[..., None], ndc, torch.full_like(ndc, -10.0))  # culled: behind the camera
+    clouds = Pointclouds(points=list(ndc.detach()))
+    idx, _, dists = rasterize_points(clouds, image_size=(height, width), radius=radius * 2.0 / s,
+                                     points_per_pixel=k)
+    n = xy.shape[1]
+    valid = idx >= 0
+    local = torch.where(valid, idx % max(n, 1), torch.full_like(idx, -1))  # packed -> per-cloud index
+    dist2 = torch.where(valid, dists * (s / 2.0) ** 2, torch.zeros_like(dists))
+    zz = z.detach().reshape(-1)[idx.clamp_min(0).reshape(-1)].view(idx.shape)
+    depth = torch.where(valid, zz, torch.full_like(zz, float("inf")))
+    return Fragments(local.long(), dist2.float(), depth.float())
+
+
+def pytorch3d_available() -> bool:
+    try:
+        import pytorch3d.renderer.points  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def rasterize_projected(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height: int, width: int, radius: float,
+                        k: int, backend: str = "torch") -> Fragments:
+    """Rasterize already-projected points with the chosen backend (auto: pytorch3d on CUDA when installed)."""
+    if backend == "auto":
+        backend = "pytorch3d" if xy.is_cuda and pytorch3d_available() else "torch"
+    if backend == "torch":
+        return rasterize_torch(xy, z, height, width, radius, k)
+    if backend == "pytorch3d":
+        return rasterize_pytorch3d(xy, z, height, width, radius, k)
+    raise It3dError(f"point rasterizer: unknown backend '{backend}' (expected auto, torch or pytorch3d)")
+
+
+def rasterize(points: Float[Tensor, "N 3"], c2w: Float[Tensor, "B 4 4"], fovy: Float[Tensor, "B"], height: int,
+              width: int, radius: float, k: int, backend: str = "torch") -> Fragments:
+    """Project world points into each camera and rasterize them at ``height`` x ``width``."""
+    xy, z = project_points(points, c2w, fovy, height, width)
+    return rasterize_projected(xy, z, height, width, radius, k, backend)
+
+
+def scale_coords(xy: Float[Tensor, "B N 2"], height: int, width: int, out_h: int, out_w: int) -> Float[Tensor, "B N 2"]:
+    """Pixel coordinates at ``height`` x ``width`` -> those of an ``out_h`` x ``out_w`` image over the same
+    field (the grid bilinear up-sampling with align_corners=False maps back onto the full image)."""
+    return xy * torch.tensor([out_w / width, out_h / height], device=xy.device, dtype=xy.dtype)
+
+
+# ---------------------------------------------------------------------------- compositing
+class WeightedGather(torch.autograd.Function):
+    """out[p] = sum_k w[p, k] * feats[idx[p, k]] (idx -1 contributes nothing), memory-light backward."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, feats: Tensor, idx: Tensor) -> Tensor:
+        safe = idx.clamp_min(0)
+        w = torch.where(idx >= 0, weights, torch.zeros_like(weights))
+        out = feats.new_zeros(idx.shape[0], feats.shape[1])
+        for j in range(idx.shape[1]):  # k is small (<= 16): one gather per slot
+            out += w[:, j:j + 1] * feats[safe[:, j]]
+        ctx.save_for_backward(w, feats, idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        w, feats, idx = ctx.saved_tensors
+        grad_w = grad_f = None
+        valid = idx >= 0
+        safe = idx.clamp_min(0)
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.zeros_like(w)
+            for j in range(idx.shape[1]):
+                grad_w[:, j] = (grad_out * feats[safe[:, j]]).sum(-1)
+            grad_w = grad_w * valid
+        if ctx.needs_input_grad[1]:
+            p, j = torch.nonzero(valid, as_tuple=True)
+            grad_f = torch.zeros_like(feats).index_add_(0, idx[p, j], w[p, j, None] * grad_out[p])
+        return grad_w, grad_f, None
+
+
+def composite(frags: Fragments, feats: Float[Tensor, "N C"], radius: float, background: Float[Tensor, "C"]):
+    """Front-to-back alpha compositing of the fragments' features over ``background``.
+
+    Returns (features B H W C, alpha B H W 1 = 1 - final transmittance, occupancy B H W 1 in {0, 1}).
+    """
+    bsz, h, w, k = frags.idx.shape
+    used = max(1, int((frags.idx >= 0).sum(-1).max())) if frags.idx.numel() else k
+    if used < k:  # slots fill front to back: drop the trailing ones no pixel uses
+        frags = Fragments(*(t[..., :used] for t in frags))
+        k = used
+    valid = frags.idx >= 0
+    alpha = torch.where(valid, (1.0 - frags.dist2 / (radius * radius)).clamp(0.0, 1.0), torch.zeros_like(frags.dist2))
+    alpha = alpha.to(feats.dtype).reshape(-1, k)
+    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha], -1), -1)
+    weights = alpha * trans[:, :-1]
+    out = WeightedGather.apply(weights, feats, frags.idx.reshape(-1, k))
+    out = out + trans[:, -1:] * background.to(feats.dtype)
+    occ = valid[..., :1].to(feats.dtype)
+    return out.view(bsz, h, w, -1), (1.0 - trans[:, -1:]).view(bsz, h, w, 1), occ

@@ -1,0 +1,166 @@
+"""Point rasterizer + deferred renderer: hand-derived pixel positions, occlusion, compositing
+weights, a brute-force reference, gradients and multi-scale sizes."""
+import math
+
+import pytest
+import torch
+
+from it3d.core import registry
+from it3d.data.cameras import spherical_c2w
+from it3d.renderers.point_deferred import scale_sizes
+from it3d.renderers.point_rasterizer import (Fragments, WeightedGather, composite, project_points, pytorch3d_available,
+                                             rasterize, rasterize_pytorch3d, rasterize_torch)
+
+H = W = 33
+FOVY = 40.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
+    yield
+    torch.set_num_threads(threads)
+
+
+def cam(azimuth=0.0, elevation=0.0, distance=2.0):
+    return spherical_c2w(torch.tensor([elevation]), torch.tensor([azimuth]), torch.tensor([distance]))
+
+
+def test_point_lands_on_predicted_pixel():
+    # camera at +x (distance 2) looking at the origin: world +y is image right, +z is image up
+    f = 0.5 * H / math.tan(math.radians(FOVY / 2))  # 45.33 px
+    pts = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 0.15]])
+    expected = [(16, 16), (16, int(16.5 + 0.05 * f)), (int(16.5 - 0.075 * f), 16)]  # (row, col)
+    assert expected == [(16, 16), (16, 18), (13, 16)]
+    for p, (i, j) in zip(pts, expected):
+        frags = rasterize(p[None], cam(), torch.tensor([FOVY]), H, W, radius=0.5, k=2)
+        hit = torch.nonzero(frags.idx[0, ..., 0] >= 0).tolist()
+        assert hit == [[i, j]]
+        assert frags.idx[0, i, j, 1] == -1
+        xy, z = project_points(p[None], cam(), torch.tensor([FOVY]), H, W)
+        d2 = (j + 0.5 - xy[0, 0, 0]) ** 2 + (i + 0.5 - xy[0, 0, 1]) ** 2
+        assert frags.dist2[0, i, j, 0] == pytest.approx(float(d2), abs=1e-5)
+        assert frags.depth[0, i, j, 0] == pytest.approx(float(z[0, 0]), abs=1e-5)
+
+
+def test_nearer_points_occlude_farther():
+    far, near = torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[0.5, 0.0, 0.0]])  # camera at +x
+    feats = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # far green, near red
+    bg = torch.tensor([0.0, 0.0, 1.0])
+    for order in ([0, 1], [1, 0]):
+        pts = torch.cat([far, near])[order]
+        frags = rasterize(pts, cam(), torch.tensor([FOVY]), H, W, radius=2.0, k=4)
+        near_id = order.index(1)
+        assert frags.idx[0, 16, 16, 0] == near_id and frags.idx[0, 16, 16, 1] == 1 - near_id
+        out, alpha, occ = composite(frags, feats[order], 2.0, bg)
+        # both project exactly onto the centre of pixel (16, 16): alpha 1, the near point hides everything
+        assert torch.allclose(out[0, 16, 16], torch.tensor([1.0, 0.0, 0.0]))
+        assert alpha[0, 16, 16, 0] == 1.0 and occ[0, 16, 16, 0] == 1.0
+        assert torch.allclose(out[0, 0, 0], bg) and occ[0, 0, 0, 0] == 0.0
+
+
+def test_composite_weights_by_hand():
+    # one pixel, two fragments at squared distances 1 and 0.5 with radius 2: alphas 0.75 and 0.875
+    idx = torch.tensor([[[[1, 0, -1]]]])
+    d2 = torch.tensor([[[[1.0, 0.5, 0.0]]]])
+    frags = Fragments(idx, d2, torch.tensor([[[[1.0, 2.0, float("inf")]]]]))
+    feats = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    bg = torch.tensor([1.0, 1.0])
+    out, alpha, occ = composite(frags, feats, 2.0, bg)
+    a1, a2 = 0.75, 0.875
+    want = a1 * feats[1] + (1 - a1) * a2 * feats[0] + (1 - a1) * (1 - a2) * bg
+    assert torch.allclose(out[0, 0, 0], want)
+    assert alpha[0, 0, 0, 0] == pytest.approx(1 - (1 - a1) * (1 - a2))
+
+
+def brute_force(xy, z, h, w, radius, k):
+    idx = torch.full((h, w, k), -1, dtype=torch.long)
+    for i in range(h):
+        for j in range(w):
+            d2 = (j + 0.5 - xy[:, 0]) ** 2 + (i + 0.5 - xy[:, 1]) ** 2
+            ok = torch.nonzero((d2 < radius ** 2) & (z > 1e-4)).squeeze(1)
+            ok = ok[torch.argsort(z[ok])][:k]
+            idx[i, j, :len(ok)] = ok
+    return idx
+
+
+def test_matches_brute_force_reference():
+    g = torch.Generator().manual_seed(0)
+    n, h, w = 300, 13, 11
+    xy = torch.rand(1, n, 2, generator=g) * torch.tensor([w + 4.0, h + 4.0]) - 2.0
+    z = torch.rand(1, n, generator=g) * 2 - 0.2  # some behind the camera
+    for radius, k in ((1.3, 3), (2.2, 6)):
+        frags = rasterize_torch(xy, z, h, w, radius, k, chunk=37)  # small chunks: exercises chunking
+        assert torch.equal(frags.idx[0], brute_force(xy[0], z[0], h, w, radius, k))
+
+
+def test_weighted_gather_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    w = torch.rand(7, 3, dtype=torch.double, generator=g, requires_grad=True)
+    f = torch.randn(5, 4, dtype=torch.double, generator=g, requires_grad=True)
+    idx = torch.randint(-1, 5, (7, 3), generator=g)
+    assert torch.autograd.gradcheck(lambda a, b: WeightedGather.apply(a, b, idx), (w, f))
+
+
+def make_renderer(n=400, rgb_skip=False, channels=(4, 8, 8, 8)):
+    geo = registry.get("geometry", "point-cloud")({}, path="g")
+    g = torch.Generator().manual_seed(0)
+    geo.set_points(torch.rand(n, 3, generator=g) - 0.5, torch.rand(n, 3, generator=g), torch.rand(n, generator=g) > 0.5)
+    r = registry.get("renderer", "point-deferred")({"unet_channels": list(channels), "rgb_skip": rgb_skip,
+                                                    "radius": 1.5}, path="r", geometry=geo)
+    return geo, r
+
+
+def test_multiscale_sizes_odd():
+    assert scale_sizes(33, 33, 3) == [(33, 33), (17, 17), (9, 9)]
+    assert scale_sizes(800, 800, 3) == [(800, 800), (400, 400), (200, 200)]
+    geo, r = make_renderer()
+    out = r(cam(), torch.tensor([FOVY]), 33, 31)
+    assert [tuple(f.shape) for f in out["features"]] == [(1, 33, 31, 19), (1, 17, 16, 19), (1, 9, 8, 19)]
+    assert out["comp_rgb"].shape == (1, 33, 31, 3) and out["opacity"].shape == (1, 33, 31, 1)
+
+
+@pytest.mark.parametrize("rgb_skip", [False, True])
+def test_gradients_reach_descriptors_unet_background(rgb_skip):
+    geo, r = make_renderer(rgb_skip=rgb_skip)
+    out = r(torch.cat([cam(), cam(90.0, 20.0)]), torch.tensor([FOVY, FOVY]), 17, 17)
+    assert 0 < out["opacity"].mean() < 1  # some pixels are empty: the background descriptor is used
+    (out["comp_rgb"] * torch.linspace(0, 1, 3)).sum().backward()
+    assert geo.descriptors.grad.abs().sum() > 0
+    assert r.background.grad[:3].abs().sum() > 0
+    assert r.unet.out.weight.grad.abs().sum() > 0
+    if not rgb_skip:  # with the skip the zero-initialised last layer blocks the rest until it moves
+        assert geo.descriptors.grad[:, 3:].abs().sum() > 0 and r.background.grad[3:].abs().sum() > 0
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in r.unet.parameters())
+
+
+def test_rgb_skip_first_render_is_the_point_colours():
+    geo, r = make_renderer(rgb_skip=True)
+    out = r(cam(), torch.tensor([FOVY]), 17, 17)
+    assert torch.allclose(out["comp_rgb"], out["features"][0][..., :3].clamp(0, 1))
+    empty = out["opacity"][0, ..., 0] == 0
+    assert torch.allclose(out["comp_rgb"][0][empty], torch.ones(3))  # white background descriptor
+
+
+def test_geometry_resizes_from_state_dict():
+    geo, _ = make_renderer(n=50)
+    fresh = registry.get("geometry", "point-cloud")({}, path="g")
+    assert fresh.num_points == 0
+    fresh.load_state_dict(geo.state_dict())
+    assert fresh.num_points == 50 and torch.equal(fresh.descriptors, geo.descriptors)
+    assert torch.equal(fresh.is_ref, geo.is_ref) and torch.allclose(fresh.descriptors[:, :3], fresh.init_colors)
+
+
+def test_pytorch3d_parity():
+    if not pytorch3d_available():
+        print("skipping pytorch3d parity: pytorch3d is not installed here")
+        pytest.skip("pytorch3d is not installed")
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(1, 500, 2, generator=g) * torch.tensor([31.0, 23.0])
+    z = torch.rand(1, 500, generator=g) + 0.5
+    a = rasterize_torch(xy, z, 23, 31, 1.7, 4)
+    b = rasterize_pytorch3d(xy, z, 23, 31, 1.7, 4)
+    assert (a.idx == b.idx).float().mean() > 0.999
+    both = (a.idx >= 0) & (b.idx >= 0)
+    assert torch.allclose(a.dist2[both], b.dist2[both], atol=1e-3)
