@@ -180,7 +180,9 @@ def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks
         TensorBoardLogger(save_dir=trial_dir, name="logs", version="tb", default_hp_metric=False),
         CSVLogger(save_dir=trial_dir, name="logs", version="csv"),
     ]
-    tkw = {"max_steps": 1000, "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_model_summary": False}
+    # inference_mode=False: normals come from autograd (density gradients) in validation/test too
+    tkw = {"max_steps": 1000, "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
+           "inference_mode": False}
     tkw.update(dict(parsed.trainer or {}))
     tkw.setdefault("accelerator", dev["accelerator"])
     tkw.setdefault("devices", dev["devices"])
@@ -217,7 +219,16 @@ def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, *
     trainer = build_trainer(parsed, trial_dir, dev)
     log.info(f"trial dir: {trial_dir}")
     if mode == "train":
+        bad = [m for m in parsed.after_train if m not in ("test", "export")]
+        if bad:
+            raise ConfigError(f"after_train: unknown mode '{bad[0]}' (use test and/or export)")
         trainer.fit(system, datamodule=dm, ckpt_path=resume)
+        for after in parsed.after_train:
+            log.info(f"after training: --{after}")
+            if after == "test":
+                trainer.test(system, datamodule=dm)
+            else:
+                trainer.predict(system, datamodule=dm, return_predictions=False)
     elif mode == "validate":
         trainer.validate(system, datamodule=dm, ckpt_path=resume)
     elif mode == "test":

@@ -154,7 +154,15 @@ def is_done(stage_dir: str) -> bool:
     return os.path.isfile(os.path.join(stage_dir, "stats.json"))
 
 
+def _reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def write_stats(stage_dir: str, wall_s: float) -> Dict[str, Any]:
+    """wall time and the stage's peak GPU memory; peak RSS is the process's peak so far (it cannot be reset)."""
     import torch
 
     stats = {"wall_s": round(wall_s, 3),
@@ -200,6 +208,7 @@ def run_pipeline(cfg: DictConfig, parsed: Any, mode: str, dev: dict, stage: Opti
             log.info(f"stage '{spec.name}': finished earlier, skipped")
             continue
         start = time.time()
+        _reset_peak_memory()
         if spec.run == "preprocess":
             log.info(f"stage '{spec.name}': preprocessing")
             os.makedirs(sdir, exist_ok=True)
