@@ -1,0 +1,202 @@
+"""Coarse-stage NeRF training-step benchmark (not collected by pytest).
+
+One step = render one random view at HxW with the `volume` renderer over the default
+`implicit-volume` (16-level hash grid, 2^19 table, 64+32 samples per ray, occupancy grid),
+L1 loss against a fixed target, backward, Adam step. Prints steps/s, peak memory, and the share
+of the step spent in each part, timed exclusively (nested calls subtracted) with device
+synchronisation at every boundary:
+
+    encoding (hash grid), network (MLPs), sampling (ray-box, stratified + importance samples,
+    grid lookups), material, compositing, other forward (gather/scatter), backward, optimizer.
+
+    python tests/benchmarks/bench_coarse.py --device cpu --sizes 64 128 --steps 3 [--sparse] [--threads 1]
+    python tests/benchmarks/bench_coarse.py --device cuda --sizes 64 128 256 --steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "custom"))
+
+from it3d.core.registry import get  # noqa: E402
+from it3d.data.cameras import get_rays, spherical_c2w  # noqa: E402
+from it3d.renderers import volume as volume_mod  # noqa: E402
+
+
+class Timers:
+    """Exclusive wall time per name: a call's time minus the time of timed calls nested in it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.total = defaultdict(float)
+        self.stack = []
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, name: str, fn):
+        def wrapped(*args, **kwargs):
+            self.sync()
+            self.stack.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                dt = time.perf_counter() - t0
+                child = self.stack.pop()
+                self.total[name] += dt - child
+                if self.stack:
+                    self.stack[-1] += dt
+
+        return wrapped
+
+    def section(self, name: str):
+        timers = self
+
+        class _S:
+            def __enter__(self):
+                timers.sync()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timers.sync()
+                timers.total[name] += time.perf_counter() - self.t0
+                return False
+
+        return _S()
+
+
+def build(device: torch.device, grid_res: int, shading: str):
+    geo = get("geometry", "implicit-volume")({}, path="system.geometry").to(device)
+    mat = get("material", "diffuse-light")({"shading_probs": {shading: 1.0}}, path="system.material").to(device)
+    bg = get("background", "random-color")({}, path="system.background").to(device)
+    ren = get("renderer", "volume")({"grid": {"resolution": grid_res}}, path="system.renderer",
+                                    geometry=geo, material=mat, background=bg).to(device)
+    return geo, mat, bg, ren
+
+
+def instrument(geo, mat, ren, timers: Timers) -> None:
+    geo.encoding.forward = timers.wrap("encoding", geo.encoding.forward)
+    geo.mlp.forward = timers.wrap("network", geo.mlp.forward)
+    mat.forward = timers.wrap("material", mat.forward)
+    ren._sample = timers.wrap("sampling", ren._sample)
+    ren._mask = timers.wrap("sampling", ren._mask)
+    ren._composite = timers.wrap("compositing", ren._composite)
+    ren.forward = timers.wrap("other forward", ren.forward)
+
+
+def run(size: int, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    geo, mat, bg, ren = build(device, args.grid_res, args.shading)
+    for m in (geo, mat, bg, ren):
+        m.train()
+    opt = torch.optim.Adam(list(geo.parameters()) + list(bg.parameters()), lr=1e-2, eps=1e-15)
+    if args.sparse:  # a trained-looking field: dense blob core (r < ~0.2), near-empty elsewhere
+        with torch.no_grad():
+            geo.mlp[-1].bias[0] = -4.0
+    t0 = time.perf_counter()
+    ren.do_update_step(0, 0)  # occupancy grid update (every `update_every` steps in training)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    grid_update_s = time.perf_counter() - t0
+    target = torch.ones(1, size, size, 3, device=device)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size, device=device), torch.linspace(-1, 1, size, device=device),
+                            indexing="ij")
+    target[0, (xx ** 2 + yy ** 2) < 0.3] = torch.tensor([0.8, 0.4, 0.2], device=device)
+    lights = torch.tensor([[1.0, 1.0, 2.0]], device=device)
+
+    def step(i: int, timers: Timers = None):
+        g = torch.Generator().manual_seed(i)
+        elev, azim = float(torch.rand((), generator=g) * 30), float(torch.rand((), generator=g) * 360)
+        c2w = spherical_c2w(torch.tensor([elev]), torch.tensor([azim]), torch.tensor([1.0])).to(device)
+        ro, rd = get_rays(c2w, size, size, 40.0)
+        out = ren(ro, rd, light_positions=lights, c2w=c2w)
+        loss = (out["comp_rgb"] - target).abs().mean()
+        if timers is None:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return
+        with timers.section("backward"):
+            loss.backward()
+        with timers.section("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for i in range(args.warmup):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(args.steps):
+        step(100 + i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = (time.perf_counter() - t0) / args.steps
+    cpu = (time.process_time() - c0) / args.steps
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    stats = dict(ren.last_stats)
+    timers = Timers(device)
+    instrument(geo, mat, ren, timers)
+    for i in range(args.profile_steps):
+        step(200 + i, timers)
+    return {"size": size, "step_s": dt, "cpu_s": cpu, "steps_per_s": 1.0 / dt, "peak_mb": peak,
+            "grid_update_s": grid_update_s, "stats": stats, "timers": dict(timers.total)}
+
+
+def rss_peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--profile-steps", type=int, default=1)
+    p.add_argument("--grid-res", type=int, default=None, help="occupancy grid resolution (default 64 CPU, 128 CUDA)")
+    p.add_argument("--shading", default="albedo", help="albedo (no normals) or lambertian (analytic normals)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = default)")
+    p.add_argument("--sparse", action="store_true",
+                   help="bias the density down so the occupancy grid skips most samples (a trained scene's case); "
+                        "default: the initial blob, whose trunc_exp fog fills the whole box")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.grid_res is None:
+        args.grid_res = 128 if device.type == "cuda" else 64
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} grid={args.grid_res}^3 "
+          f"shading={args.shading} steps={args.steps} sparse={args.sparse}")
+    _ = volume_mod  # the renderer module the timers instrument
+    for size in args.sizes:
+        r = run(size, args, device)
+        if r["peak_mb"] is not None:
+            mem = f"peak CUDA alloc {r['peak_mb']:.0f} MiB"
+        else:
+            mem = f"peak RSS {rss_peak_mb():.0f} MiB"
+        s = r["stats"]
+        print(f"\n{size}x{size}: {r['steps_per_s']:.3f} steps/s ({r['step_s'] * 1e3:.0f} ms/step wall, "
+              f"{r['cpu_s'] * 1e3:.0f} ms process CPU time), {mem}, "
+              f"grid update {r['grid_update_s'] * 1e3:.0f} ms, "
+              f"evaluated {s.get('n_evaluated', 0)}/{s.get('n_samples', 0)} "
+              f"samples ({s.get('n_rays', 0)} rays)")
+        tot = sum(r["timers"].values())
+        for name, v in sorted(r["timers"].items(), key=lambda kv: -kv[1]):
+            print(f"  {name:14s} {v / args.profile_steps * 1e3:9.1f} ms  {100 * v / tot:5.1f} %")
+
+
+if __name__ == "__main__":
+    main()

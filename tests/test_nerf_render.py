@@ -1,0 +1,170 @@
+"""Volume renderer: compositing against closed forms, sampling, occupancy-grid skipping."""
+import math
+
+import pytest
+import torch
+
+from it3d.core.registry import get
+from it3d.data.cameras import get_rays, spherical_c2w
+from it3d.renderers.occupancy_grid import OccupancyGrid
+from it3d.renderers.volume import accumulate, ray_aabb, sample_pdf, volume_weights
+
+from it3d.encodings.hash_grid import TINY_HASH_GRID as TINY_ENC
+from test_nerf_encoding import single_thread  # noqa: F401  (autouse fixture)
+
+
+def test_constant_density_slab_matches_closed_form():
+    s, a, b, far, n = 3.0, 0.5, 1.3, 2.0, 4000
+    edges = torch.linspace(0.0, far, n + 1, dtype=torch.float64)[None]
+    starts, ends = edges[:, :-1], edges[:, 1:]
+    mids = 0.5 * (starts + ends)
+    density = torch.where((mids > a) & (mids < b), s, 0.0)
+    w, trans, alpha = volume_weights(density, ends - starts)
+    opacity = float(w.sum())
+    assert opacity == pytest.approx(1 - math.exp(-s * (b - a)), abs=1e-9)
+    # E[t] = int_a^b t s exp(-s (t - a)) dt = a + 1/s - (b + 1/s) exp(-s (b - a))
+    depth = float(accumulate(w, mids[..., None])[0, 0])
+    assert depth == pytest.approx(a + 1 / s - (b + 1 / s) * math.exp(-s * (b - a)), abs=1e-6)
+    # transmittance after the slab
+    assert float(trans[0, -1]) == pytest.approx(math.exp(-s * (b - a)), abs=1e-9)
+    assert float(alpha.max()) == pytest.approx(1 - math.exp(-s * far / n), abs=1e-12)
+
+
+def test_ray_aabb_and_sample_pdf():
+    ro = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 2.0], [0.1, 0.2, 0.0]])
+    rd = torch.tensor([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    near, far, hit = ray_aabb(ro, rd, 0.5, 0.0)
+    assert hit.tolist() == [True, False, True]
+    assert near[0] == pytest.approx(1.5) and far[0] == pytest.approx(2.5)
+    assert near[2] == pytest.approx(0.0) and far[2] == pytest.approx(0.5)  # camera inside the box
+    bins = torch.linspace(0, 1, 11)[None]
+    weights = torch.zeros(1, 10)
+    weights[0, 3] = 1.0
+    t = sample_pdf(bins, weights, 64)
+    assert ((t >= 0.3) & (t <= 0.4)).float().mean() > 0.95
+    td = sample_pdf(bins, weights, 8, deterministic=True)
+    assert (td[:, 1:] >= td[:, :-1]).all()
+
+
+def build(grid=None, activation="trunc_exp", **rcfg):
+    torch.manual_seed(0)
+    geo = get("geometry", "implicit-volume")({"pos_encoding": TINY_ENC, "density_blob_scale": 20.0,
+                                              "density_activation": activation}, path="system.geometry")
+    with torch.no_grad():  # density = exp(-14 + 20 exp(-r^2 / 0.08)): a ball (density 1 at r = 0.17), ~1e-6 outside
+        geo.mlp[-1].weight[0].zero_()
+        geo.mlp[-1].bias[0] = -14.0
+    mat = get("material", "diffuse-light")({}, path="system.material")
+    bg = get("background", "solid-color")({"color": [0.0, 0.0, 1.0]}, path="system.background")
+    cfg = {"num_samples_per_ray": 48, "num_importance_samples": 16, "grid": grid or {"resolution": 32}, **rcfg}
+    return get("renderer", "volume")(cfg, path="system.renderer", geometry=geo, material=mat, background=bg), geo
+
+
+def camera(h=12, w=12):
+    c2w = spherical_c2w(torch.tensor([10.0]), torch.tensor([30.0]), torch.tensor([1.0]))
+    ro, rd = get_rays(c2w, h, w, 60.0)
+    return c2w, ro, rd
+
+
+@pytest.mark.parametrize("n_importance,alpha_threshold,tol", [(0, 1e-5, 1e-4), (16, 0.01, 2e-2)])
+def test_occupancy_grid_marks_empty_space_and_skipping_agrees(n_importance, alpha_threshold, tol):
+    """Skipping drops only samples whose alpha is below ``alpha_threshold`` (so the image moves by a
+    few times that at most); with importance samples the coarse pdf, hence the fine sample
+    positions, moves slightly too."""
+    ren, geo = build(num_importance_samples=n_importance, grid={"resolution": 32, "alpha_threshold": alpha_threshold})
+    ren_full, _ = build(grid={"enabled": False}, num_importance_samples=n_importance)
+    ren_full._sub = ren._sub  # same geometry / material / background
+    c2w, ro, rd = camera()
+    ren.eval()
+    ren_full.eval()
+    with torch.no_grad():
+        before = ren(ro, rd, c2w=c2w)
+    assert ren.last_stats["n_evaluated"] == ren.last_stats["n_samples"]  # nothing skipped before an update
+    ren.train()
+    ren.do_update_step(0, 0)
+    g = ren.grid
+    assert bool(g.initialized) and 0.01 < g.occupied_fraction() < 0.35
+    assert bool(g.occupied[16, 16, 16]) and not bool(g.occupied[0, 0, 0]) and not bool(g.occupied[31, 5, 20])
+    ren.eval()
+    with torch.no_grad():
+        skipped = ren(ro, rd, c2w=c2w)
+        full = ren_full(ro, rd, c2w=c2w)
+    assert ren.last_stats["n_evaluated"] < 0.5 * ren.last_stats["n_samples"]
+    assert ren_full.last_stats["n_evaluated"] == ren_full.last_stats["n_samples"]
+    for k in ("comp_rgb", "opacity", "depth", "comp_normal"):
+        torch.testing.assert_close(skipped[k], full[k], atol=tol, rtol=0)
+        torch.testing.assert_close(before[k], full[k], atol=1e-6, rtol=0)
+    # the ball is hit in the middle and missed at the corner: blue background there
+    assert float(full["opacity"][0, 6, 6, 0]) > 0.99 and float(full["opacity"][0, 0, 0, 0]) < 1e-3
+    torch.testing.assert_close(full["comp_rgb"][0, 0, 0], torch.tensor([0.0, 0.0, 1.0]), atol=1e-3, rtol=0)
+    # updates follow update_every and only happen in training
+    ren.do_update_step(0, 5)
+    assert g.last_update_step == 0
+    ren.eval()
+    ren.do_update_step(0, 16)
+    assert g.last_update_step == 0
+
+
+def test_occupancy_grid_ema_is_a_decayed_maximum():
+    g = OccupancyGrid({"resolution": 4, "jitter": False, "dilation": 0, "ema_decay": 0.5}, radius=1.0, step_size=0.1)
+    g.update(lambda p: torch.full((p.shape[0], 1), 10.0))
+    g.update(lambda p: torch.full((p.shape[0], 1), 1.0))
+    torch.testing.assert_close(g.density, torch.full((4, 4, 4), 5.0))
+    # 1 - exp(-0.1 d) > 0.01  <=>  d > 0.1005
+    g.update(lambda p: (p[:, :1] > 0).float() * 0.0)
+    g.density.fill_(0.05)
+    g.update(lambda p: (p[:, :1] > 0).float())
+    assert g.occupied[2:].all() and not g.occupied[:2].any()
+
+
+def test_render_outputs_and_gradients_reach_the_hash_table():
+    ren, geo = build(grid={"enabled": False})
+    c2w, ro, rd = camera(8, 8)
+    ren.train()
+    out = ren(ro, rd, c2w=c2w, light_positions=torch.tensor([[1.0, 1.0, 1.0]]), shading="lambertian")
+    assert out["shading"] == "lambertian"
+    for k, c in (("comp_rgb", 3), ("opacity", 1), ("depth", 1), ("z_depth", 1), ("comp_normal", 3)):
+        assert out[k].shape == (1, 8, 8, c)
+    assert out["weights"].shape == (1, 8, 8, 64)
+    # z-depth <= ray depth; composited = fg + (1 - opacity) * bg
+    assert (out["z_depth"] <= out["depth"] + 1e-6).all()
+    torch.testing.assert_close(out["comp_rgb"], out["comp_rgb_fg"] + (1 - out["opacity"]) * out["comp_rgb_bg"])
+    (out["comp_rgb"] - 0.5).abs().mean().backward()
+    grad = geo.encoding.params.grad
+    assert grad is not None and torch.count_nonzero(grad) > 0
+    assert all(p.grad is not None for p in geo.mlp.parameters())
+    # eval: albedo, chunked over rays gives the same image as one chunk
+    ren.eval()
+    ren.cfg.eval_chunk_size = 7
+    with torch.no_grad():
+        a = ren(ro, rd, bg_color=torch.tensor([1.0, 1.0, 1.0]))
+    ren.cfg.eval_chunk_size = 0
+    with torch.no_grad():
+        b = ren(ro, rd, bg_color=torch.tensor([1.0, 1.0, 1.0]))
+    with torch.inference_mode():  # Lightning's eval loops: analytic normals still work
+        c = ren(ro, rd, bg_color=torch.tensor([1.0, 1.0, 1.0]))
+    torch.testing.assert_close(c["comp_normal"], b["comp_normal"])
+    assert a["shading"] == "albedo"
+    torch.testing.assert_close(a["comp_rgb"], b["comp_rgb"])
+    torch.testing.assert_close(a["comp_normal"], b["comp_normal"])
+
+
+def test_fully_empty_grid_renders_the_background():
+    ren, geo = build()
+    ren.grid.initialized.fill_(True)
+    ren.grid.occupied.zero_()
+    c2w, ro, rd = camera(6, 6)
+    ren.train()
+    out = ren(ro, rd, light_positions=torch.ones(1, 3), shading="lambertian")
+    assert ren.last_stats["n_evaluated"] == 0
+    assert float(out["opacity"].detach().abs().max()) == 0.0
+    torch.testing.assert_close(out["comp_rgb"], torch.tensor([0.0, 0.0, 1.0]).expand(1, 6, 6, 3))
+
+
+def test_config_validation_reaches_the_grid_and_the_encoding():
+    from it3d.core.config import ConfigError, validate_component
+
+    validate_component("renderer", "volume", {"grid": {"resolution": 128}}, "system.renderer")
+    with pytest.raises(ConfigError, match="system.renderer.grid.resolutoin"):
+        validate_component("renderer", "volume", {"grid": {"resolutoin": 128}}, "system.renderer")
+    with pytest.raises(ConfigError, match="system.geometry.pos_encoding.log2_hashmap"):
+        validate_component("geometry", "implicit-volume", {"pos_encoding": {"log2_hashmap": 12}}, "system.geometry")
