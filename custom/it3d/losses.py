@@ -1,0 +1,176 @@
+"""Registered loss terms (kind ``loss``).
+
+Each term is called as ``term(out, ref)`` with the renderer's output dict ``out`` (``comp_rgb``
+B H W 3, ``opacity`` B H W 1, ``depth`` B H W 1, ``comp_normal`` B H W 3, and for the orientation
+loss the per-sample ``weights``, ``normal``, ``t_dirs`` / ``ray_indices`` of the volume renderer)
+and the batch dict ``ref`` (``rgb``, ``mask``, ``depth`` of the reference view) and returns a
+scalar. ``view`` says which renders a term applies to: ``ref`` (reference view only), ``random``
+(novel views only) or ``any``. Systems sum ``weight * term`` with :func:`weighted_terms`, which
+never calls a term whose weight is 0 at the current step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .core import registry
+from .core.base import BaseLoss
+from .core.config import C, ConfigError
+from .core.typing import Float, Tensor
+
+
+def pearson(x: Float[Tensor, "N"], y: Float[Tensor, "N"], eps: float = 1e-8) -> Float[Tensor, ""]:
+    """Pearson correlation coefficient of two 1-D tensors."""
+    xc, yc = x - x.mean(), y - y.mean()
+    return (xc * yc).sum() / (xc.norm() * yc.norm() + eps)
+
+
+def weighted_terms(modules: Any, weights: Any, step: int, call: Callable[[str, Any], Optional[Tensor]],
+                   skip: Callable[[str, Any], bool] = lambda n, m: False) -> Tuple[Optional[Tensor], Dict[str, Any]]:
+    """``sum_i C(weight_i, step) * call(name_i, module_i)``; a zero weight (or ``skip``) never calls the term.
+    Returns (total, {name: unweighted value})."""
+    total, logs = None, {}
+    for name, mod in modules.items():
+        w = C(weights[name], step)
+        if w == 0 or skip(name, mod):
+            continue
+        val = call(name, mod)
+        if val is None:
+            continue
+        logs[name] = val
+        total = w * val if total is None else total + w * val
+    return total, logs
+
+
+class _Term(BaseLoss):
+    @dataclass
+    class Config:
+        view: str = "ref"  # ref | random | any
+
+    def configure(self, **kwargs) -> None:
+        if self.cfg.view not in ("ref", "random", "any"):
+            raise ConfigError(f"loss view must be ref, random or any, got '{self.cfg.view}'")
+
+    def applies_to(self, view: str) -> bool:
+        return self.cfg.view == "any" or self.cfg.view == view
+
+
+def _fg(ref: Dict, threshold: float) -> Tensor:
+    return ref["mask"] > threshold
+
+
+@registry.register("ref-rgb", kind="loss")
+class RefRGBLoss(_Term):
+    """Make-It-3D Eq. 2: mean over pixels of ``|M * (I_ref - render)|`` (``masked: false`` = plain L1)."""
+
+    @dataclass
+    class Config(_Term.Config):
+        masked: bool = True
+
+    def forward(self, out: Dict, ref: Dict) -> Tensor:
+        diff = (out["comp_rgb"] - ref["rgb"]).abs()
+        if self.cfg.masked:
+            diff = diff * ref["mask"]
+        return diff.mean()
+
+
+@registry.register("mask", kind="loss")
+class MaskLoss(_Term):
+    """Rendered opacity vs the reference mask: ``mse`` or ``bce``."""
+
+    @dataclass
+    class Config(_Term.Config):
+        mode: str = "mse"
+
+    def forward(self, out: Dict, ref: Dict) -> Tensor:
+        op, m = out["opacity"], ref["mask"].float()
+        if self.cfg.mode == "mse":
+            return F.mse_loss(op, m)
+        if self.cfg.mode == "bce":
+            return F.binary_cross_entropy(op.clamp(1e-5, 1 - 1e-5), m)
+        raise ConfigError(f"mask loss mode must be mse or bce, got '{self.cfg.mode}'")
+
+
+@registry.register("depth-pearson", kind="loss")
+class DepthPearsonLoss(_Term):
+    """Make-It-3D Eq. 5: ``-pearson(rendered depth, reference depth)`` over foreground pixels
+    (reference depth "larger = farther", any scale / shift). Uses ``out[key]`` (default the
+    z-depth ``z_depth`` the volume renderer returns given ``c2w``, falling back to ``depth``)."""
+
+    @dataclass
+    class Config(_Term.Config):
+        key: str = "z_depth"
+        mask_threshold: float = 0.5
+
+    def forward(self, out: Dict, ref: Dict) -> Optional[Tensor]:
+        if "depth" not in ref:
+            return None
+        pred = out.get(self.cfg.key, out["depth"])
+        fg = _fg(ref, self.cfg.mask_threshold)
+        if fg.sum() < 2:
+            return None
+        return -pearson(pred[fg], ref["depth"][fg])
+
+
+@registry.register("sparsity", kind="loss")
+class SparsityLoss(_Term):
+    """Opacity sparsity: ``mean(sqrt(opacity^2 + eps))``."""
+
+    @dataclass
+    class Config(_Term.Config):
+        view: str = "any"
+        eps: float = 0.01
+
+    def forward(self, out: Dict, ref: Dict) -> Tensor:
+        return (out["opacity"] ** 2 + self.cfg.eps).sqrt().mean()
+
+
+@registry.register("entropy", kind="loss")
+class OpacityEntropyLoss(_Term):
+    """Binary entropy of the opacity (pushes it to 0 or 1)."""
+
+    @dataclass
+    class Config(_Term.Config):
+        view: str = "any"
+        eps: float = 1e-5
+
+    def forward(self, out: Dict, ref: Dict) -> Tensor:
+        o = out["opacity"].clamp(self.cfg.eps, 1 - self.cfg.eps)
+        return (-o * torch.log(o) - (1 - o) * torch.log(1 - o)).mean()
+
+
+@registry.register("orient", kind="loss")
+class OrientLoss(_Term):
+    """Ref-NeRF orientation loss: ``sum(w * relu(n . d)^2) / #visible rays`` over volume samples.
+    Needs the renderer's per-sample ``weights`` (N 1), ``normal`` (N 3) and ``t_dirs`` (N 3)."""
+
+    @dataclass
+    class Config(_Term.Config):
+        view: str = "any"
+
+    def forward(self, out: Dict, ref: Dict) -> Tensor:
+        missing = [k for k in ("weights", "normal", "t_dirs") if k not in out]
+        if missing:
+            raise ConfigError(f"loss 'orient' needs the renderer outputs {missing} (per-sample weights/normals); "
+                              f"set the loss weight to 0 or use a renderer that returns them")
+        w, n, d = out["weights"].detach(), out["normal"], out["t_dirs"]
+        val = (w.reshape(-1) * ((n * d).sum(-1).reshape(-1).clamp_min(0) ** 2)).sum()
+        return val / (out["opacity"] > 0).sum().clamp_min(1)
+
+
+@registry.register("normal-smooth", kind="loss")
+class NormalSmoothLoss(_Term):
+    """Squared difference of ``comp_normal`` between neighbouring pixels, where both are opaque."""
+
+    @dataclass
+    class Config(_Term.Config):
+        view: str = "any"
+
+    def forward(self, out: Dict, ref: Dict) -> Tensor:
+        n, o = out["comp_normal"], out["opacity"].detach()
+        dx = ((n[:, :, 1:] - n[:, :, :-1]) ** 2).sum(-1, keepdim=True) * o[:, :, 1:] * o[:, :, :-1]
+        dy = ((n[:, 1:] - n[:, :-1]) ** 2).sum(-1, keepdim=True) * o[:, 1:] * o[:, :-1]
+        return dx.mean() + dy.mean()

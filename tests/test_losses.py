@@ -1,0 +1,81 @@
+"""Loss terms: hand-derived values, Pearson invariances, and zero weights skipping the work."""
+import math
+
+import pytest
+import torch
+
+from it3d.core import registry
+from it3d.core.config import ConfigError
+from it3d.losses import pearson, weighted_terms
+
+
+def make(name, **cfg):
+    return registry.get("loss", name)(cfg, path=f"system.loss.{name}")
+
+
+def test_pearson_identical_is_minus_one_and_scale_shift_invariant():
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(1, 16, 16, 1, generator=g) + 0.5
+    ref = {"mask": torch.ones_like(d), "depth": d}
+    loss = make("depth-pearson")
+    assert loss({"depth": d}, ref).item() == pytest.approx(-1.0, abs=1e-5)
+    assert loss({"depth": 3.7 * d + 11.0}, ref).item() == pytest.approx(-1.0, abs=1e-5)
+    assert loss({"depth": -0.2 * d + 1.0}, ref).item() == pytest.approx(1.0, abs=1e-5)
+    # the z-depth key wins over depth when present
+    assert loss({"depth": -d, "z_depth": d}, ref).item() == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_pearson_uses_foreground_only():
+    d = torch.linspace(0, 1, 64).view(1, 8, 8, 1)
+    mask = torch.zeros_like(d)
+    mask[:, :4] = 1.0
+    pred = d.clone()
+    pred[:, 4:] = torch.rand(1, 4, 8, 1)  # garbage on the background does not matter
+    assert make("depth-pearson")({"depth": pred}, {"mask": mask, "depth": d}).item() == pytest.approx(-1.0, abs=1e-5)
+    x, y = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0])
+    assert pearson(x, y).item() == pytest.approx(0.5, abs=1e-6)  # cov 0.5 / (1 * 1)
+
+
+def test_masked_ref_rgb_and_mask_values():
+    rgb = torch.zeros(1, 2, 2, 3)
+    ref = {"rgb": torch.ones(1, 2, 2, 3), "mask": torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 2, 2, 1)}
+    # |M (I - R)|: only one of 4 pixels counts, 3 channels of error 1 -> mean over 12 entries = 3/12
+    assert make("ref-rgb")({"comp_rgb": rgb}, ref).item() == pytest.approx(0.25)
+    assert make("ref-rgb", masked=False)({"comp_rgb": rgb}, ref).item() == pytest.approx(1.0)
+    op = torch.full((1, 2, 2, 1), 0.5)
+    assert make("mask")({"opacity": op}, ref).item() == pytest.approx(0.25)
+    bce = make("mask", mode="bce")({"opacity": op}, ref).item()
+    assert bce == pytest.approx(math.log(2), rel=1e-4)
+
+
+def test_entropy_sparsity_smooth_and_orient():
+    op = torch.full((1, 4, 4, 1), 0.5)
+    assert make("entropy")({"opacity": op}, {}).item() == pytest.approx(math.log(2), rel=1e-4)
+    assert make("sparsity", eps=0.0)({"opacity": op}, {}).item() == pytest.approx(0.5)
+    n = torch.zeros(1, 4, 4, 3)
+    n[..., 2] = 1
+    assert make("normal-smooth")({"comp_normal": n, "opacity": torch.ones_like(op)}, {}).item() == 0.0
+    n2 = n.clone()
+    n2[:, :, 2:, 2] = -1  # a vertical crease: 4 horizontal neighbour pairs of 12 differ by |2|^2 = 4
+    val = make("normal-smooth")({"comp_normal": n2, "opacity": torch.ones_like(op)}, {}).item()
+    assert val == pytest.approx(4 * 4 / 12)
+    with pytest.raises(ConfigError, match="orient"):
+        make("orient")({"opacity": op}, {})
+
+
+def test_zero_weight_skips_the_work():
+    calls = []
+
+    def call(name, mod):
+        calls.append(name)
+        return torch.tensor(2.0)
+
+    mods = {"a": None, "b": None, "c": None}
+    weights = {"a": 1.0, "b": 0.0, "c": [100, 0.0, 1.0, 200]}  # c: 0 until step 100
+    total, logs = weighted_terms(mods, weights, 50, call)
+    assert calls == ["a"] and total.item() == 2.0 and set(logs) == {"a"}
+    calls.clear()
+    total, logs = weighted_terms(mods, weights, 150, call)
+    assert calls == ["a", "c"] and total.item() == pytest.approx(2.0 + 0.5 * 2.0)
+    calls.clear()
+    assert weighted_terms({"b": None}, {"b": 0}, 0, call) == (None, {}) and calls == []
