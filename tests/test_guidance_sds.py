@@ -11,13 +11,7 @@ from it3d.testing import tiny_model_dir
 import it3d.guidance  # noqa: F401  (registers)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add contention on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sd(tmp_path, **cfg):

@@ -12,13 +12,7 @@ from it3d.encodings.hash_grid import HashGridEncoding
 P1, P2 = 2654435761, 805459861
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tests are many small ops: one intra-op thread is much faster on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 10, "base_resolution": 4,
          "max_resolution": 32, "backend": "torch"}
 

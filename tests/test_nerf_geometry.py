@@ -9,7 +9,7 @@ from it3d.core.errors import It3dError
 from it3d.core.registry import get
 
 from it3d.encodings.hash_grid import TINY_HASH_GRID as TINY_ENC
-from test_nerf_encoding import single_thread  # noqa: F401  (autouse fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_geometry(**cfg):

@@ -5,7 +5,7 @@ import torch
 from it3d.core.config import ConfigError
 from it3d.core.errors import It3dError
 from it3d.core.registry import get
-from test_nerf_encoding import single_thread  # noqa: F401  (autouse fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def material(**cfg):

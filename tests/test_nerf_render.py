@@ -10,7 +10,7 @@ from it3d.renderers.occupancy_grid import OccupancyGrid
 from it3d.renderers.volume import accumulate, ray_aabb, sample_pdf, volume_weights
 
 from it3d.encodings.hash_grid import TINY_HASH_GRID as TINY_ENC
-from test_nerf_encoding import single_thread  # noqa: F401  (autouse fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_constant_density_slab_matches_closed_form():

@@ -15,12 +15,7 @@ H = W = 33
 FOVY = 40.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cam(azimuth=0.0, elevation=0.0, distance=2.0):

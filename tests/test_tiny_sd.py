@@ -14,13 +14,7 @@ from it3d.testing import tiny_model_dir, tiny_model_names
 from it3d.testing.tiny_sd import PROJ_DIM, TEXT_DIM, build_clip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add contention on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sd_pipeline_folder_round_trip():

@@ -346,6 +346,8 @@ class ExperimentConfig:
     system: dict = field(default_factory=dict)
     trainer: dict = field(default_factory=dict)
     checkpoint: dict = field(default_factory=dict)
+    # what --train does once training ends (on the final weights): any of test, export
+    after_train: List[str] = field(default_factory=lambda: ["test", "export"])
     # staged pipelines (it3d.systems.pipeline): ordered list of {name, config, run, overrides}
     stages: List[Any] = field(default_factory=list)
     stage: dict = field(default_factory=dict)  # per-stage overrides by name: stage.coarse.system.x=...

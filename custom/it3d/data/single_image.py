@@ -42,6 +42,21 @@ from .base import BaseDataModule
 
 
 # ----------------------------------------------------------------------------- image helpers
+def find_sibling_map(image_path: str, kind: str) -> Optional[str]:
+    """``<stem>_<kind>.png|.npy`` beside the image, or (RealFusion15 layout) ``<kind>.png`` beside
+    ``rgba.png`` / ``image.png``; None when there is none."""
+    folder, base = os.path.split(image_path)
+    stem = os.path.splitext(base)[0]
+    # <stem>_<kind>.png written by preprocessing (a manifest beside it) is framed, not aligned with the photo
+    cached = os.path.isfile(os.path.join(folder, f"{stem}_preprocess.json"))
+    for cand in (os.path.join(folder, f"{stem}_{kind}.png"), os.path.join(folder, f"{stem}_{kind}.npy")):
+        if os.path.isfile(cand) and not cached:
+            return cand
+    if stem in ("rgba", "image") and os.path.isfile(os.path.join(folder, f"{kind}.png")):
+        return os.path.join(folder, f"{kind}.png")
+    return None
+
+
 def read_image(path: str) -> np.ndarray:
     """H W C float32 in [0, 1] (8/16-bit PNG, JPEG) or the raw array of a ``.npy``."""
     from PIL import Image
@@ -153,14 +168,7 @@ class SingleImageDataModule(BaseDataModule, Updateable):
             if not os.path.isfile(given):
                 raise It3dError(f"data.{kind}_path: file not found: {given}")
             return given
-        folder, base = os.path.split(self.cfg.image_path)
-        stem = os.path.splitext(base)[0]
-        for cand in (os.path.join(folder, f"{stem}_{kind}.png"), os.path.join(folder, f"{stem}_{kind}.npy")):
-            if os.path.isfile(cand):
-                return cand
-        if stem in ("rgba", "image") and os.path.isfile(os.path.join(folder, f"{kind}.png")):
-            return os.path.join(folder, f"{kind}.png")
-        return None
+        return find_sibling_map(self.cfg.image_path, kind)
 
     def _preprocessed(self) -> Dict[str, Any]:
         if getattr(self, "_pre", None) is not None:
@@ -205,6 +213,18 @@ class SingleImageDataModule(BaseDataModule, Updateable):
         c = self.cfg
         img = read_image(c.image_path)
         self._from_pre = False
+        # a map only preprocessing can make comes framed with its own RGBA: then use that frame throughout
+        missing = [k for k, g, req in (("depth", c.depth_path, c.require_depth),
+                                       ("normal", c.normal_path, c.require_normal))
+                   if req and self._find_map(k, g) is None]
+        if img.shape[-1] == 4 and missing:
+            try:
+                pre = self._preprocessed()
+            except It3dError as e:
+                raise It3dError(f"no {missing[0]} map for {c.image_path}: set data.{missing[0]}_path, put "
+                                f"<stem>_{missing[0]}.png beside the image, or enable preprocessing [{e}]") from None
+            img = read_image(pre["rgba"])
+            self._from_pre = True
         if img.shape[-1] == 4:
             rgb, alpha = img[..., :3], img[..., 3:]
         else:

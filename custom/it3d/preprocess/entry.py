@@ -208,7 +208,7 @@ def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -
         depth = r.estimator("depth")(image, alpha)
         maps.write_depth(r.paths["depth"], depth, alpha)
         r.mark("depth")
-    if os.path.isfile(r.paths["depth"]):
+    if r.fresh("depth"):  # a stale output (made from other inputs or settings) is never handed out
         out["depth"] = r.paths["depth"]
     if not r.fresh("normal") and r.enabled("normal"):
         _check_writable(os.path.dirname(r.paths["normal"]))
@@ -220,7 +220,7 @@ def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -
             kwargs["depth"] = depth
         maps.write_normal(r.paths["normal"], est(image, alpha, **kwargs))
         r.mark("normal")
-    if os.path.isfile(r.paths["normal"]):
+    if r.fresh("normal"):  # a stale output (made from other inputs or settings) is never handed out
         out["normal"] = r.paths["normal"]
 
     if c.caption:
@@ -230,7 +230,7 @@ def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -
             _check_writable(os.path.dirname(r.paths["caption"]))
             io.write_text(r.paths["caption"], r.estimator("caption")(image, alpha).strip() + "\n")
             r.mark("caption")
-        if os.path.isfile(r.paths["caption"]):
+        if r.fresh("caption"):  # a stale output is never handed out
             with open(r.paths["caption"], encoding="utf-8") as f:
                 out["caption"] = f.read().strip()
     if r.written:
@@ -251,6 +251,14 @@ def preprocess_config_from_data(data_cfg: Any) -> Dict[str, Any]:
             pre[key] = data[key]
     if not pre.get("caption") and (data.get("prompt") or data.get("caption")):
         pre["caption"] = data.get("prompt") or data.get("caption")
+    image = data.get("image_path")
+    if isinstance(image, str) and image != "???":
+        from ..data.single_image import find_sibling_map
+
+        for kind in ("depth", "normal"):  # maps shipped beside the photo win over estimators
+            sibling = find_sibling_map(image, kind)
+            if not pre.get(f"{kind}_path") and sibling and sibling.endswith(".png"):
+                pre[f"{kind}_path"] = sibling
     return pre
 
 

@@ -1,0 +1,94 @@
+"""Both methods end to end with the tiny offline models (issue: photo -> 3D asset in one command).
+
+make-it-3d: one uninterrupted --train. customize-it-3d: killed during the coarse stage, then
+resumed: DreamBooth is not rerun, coarse continues from its checkpoint, refine completes.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+
+
+def _cmd(config, *extra):
+    return [sys.executable, os.path.join(ROOT, "launch.py"), "--config", os.path.join(ROOT, config), "--train",
+            "use_timestamp=false", *extra]
+
+
+def _check_final_outputs(stage_dir):
+    import trimesh
+
+    save = os.path.join(stage_dir, "save")
+    video = os.path.join(save, "test", "turntable.mp4")
+    assert os.path.getsize(video) > 1000
+    from it3d.core.io import read_video
+
+    frames = read_video(video)
+    assert len(frames) >= 4 and np.asarray(frames).std() > 1.0  # not a blank video
+    pc = trimesh.load(os.path.join(save, "export", "points.ply"))
+    assert len(pc.vertices) > 100 and pc.colors is not None
+    mesh = trimesh.load(os.path.join(save, "export", "mesh.obj"), force="mesh")
+    assert len(mesh.faces) > 10
+    glb = trimesh.load(os.path.join(save, "export", "mesh.glb"), force="mesh")
+    assert len(glb.faces) > 10
+
+
+def test_make_it_3d_tiny_end_to_end(tmp_path):
+    t0 = time.time()
+    r = subprocess.run(_cmd("configs/tiny/make-it-3d.yaml", f"exp_root_dir={tmp_path}"), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=900)
+    wall = time.time() - t0
+    assert r.returncode == 0, r.stderr[-4000:]
+    trial = tmp_path / "tiny-make-it-3d" / "synthetic"
+    for stage in ("preprocess", "coarse", "refine"):
+        assert (trial / stage / "stats.json").is_file(), stage
+    assert torch.load(trial / "coarse" / "ckpts" / "last.ckpt", weights_only=False)["global_step"] == 60
+    assert (trial / "refine" / "ckpts" / "last.ckpt").is_file()
+    assert (trial / "coarse" / "save" / "export" / "mesh.glb").is_file()
+    _check_final_outputs(str(trial / "refine"))
+    print(f"tiny make-it-3d end to end: {wall:.1f} s")
+
+
+def test_customize_it_3d_tiny_kill_and_resume(tmp_path):
+    env = _env()
+    trial = tmp_path / "tiny-customize-it-3d" / "synthetic"
+    ckpt = trial / "coarse" / "ckpts" / "last.ckpt"
+    t0 = time.time()
+    proc = subprocess.Popen(_cmd("configs/tiny/customize-it-3d.yaml", f"exp_root_dir={tmp_path}"), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 900
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        pytest.fail("run ended before the coarse stage saved a checkpoint:\n" + proc.stderr.read().decode()[-4000:])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first_wall = time.time() - t0
+    assert (trial / "dreambooth" / "stats.json").is_file()
+    assert (trial / "dreambooth" / "save" / "pipeline" / "model_index.json").is_file()
+    assert not (trial / "coarse" / "stats.json").exists()
+    db_mtime = (trial / "dreambooth" / "stats.json").stat().st_mtime
+    saved = torch.load(ckpt, weights_only=False)["global_step"]
+    assert 0 < saved < 60
+
+    t1 = time.time()
+    r = subprocess.run(_cmd("configs/tiny/customize-it-3d.yaml", f"resume={trial}"), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "stage 'dreambooth': finished earlier, skipped" in r.stderr
+    assert f"stage 'coarse': resuming from {ckpt}" in r.stderr
+    assert (trial / "dreambooth" / "stats.json").stat().st_mtime == db_mtime
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 60
+    _check_final_outputs(str(trial / "refine"))
+    print(f"tiny customize-it-3d: {first_wall:.1f} s until killed in coarse, {time.time() - t1:.1f} s to finish")
