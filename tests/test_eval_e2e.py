@@ -8,7 +8,9 @@ import pytest
 from it3d.eval import runner
 from it3d.testing import tiny_model_dir
 
-REALFUSION = os.environ.get("IT3D_REALFUSION15", "/work/shared/data/realfusion15")
+from it3d.testing import realfusion15_dir
+
+REALFUSION = realfusion15_dir()
 CONFIG = os.path.join(runner.REPO_ROOT, "configs", "tiny", "make-it-3d.yaml")
 NAMES = ["cat_statue", "colorful_teapot"]
 

@@ -16,7 +16,9 @@ from PIL import Image
 from it3d.eval import report, runner
 from it3d.testing import tiny_eval, tiny_model_dir
 
-REALFUSION = os.environ.get("IT3D_REALFUSION15", "/work/shared/data/realfusion15")
+from it3d.testing import realfusion15_dir
+
+REALFUSION = realfusion15_dir()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -16,7 +16,9 @@ from it3d.preprocess.depth import TransformersDepthEstimator
 from it3d.preprocess.mask import SamMaskEstimator
 from it3d.testing import tiny_model_dir
 
-RF15 = "/work/shared/data/realfusion15"
+from it3d.testing import realfusion15_dir
+
+RF15 = realfusion15_dir()
 needs_rf15 = pytest.mark.skipif(not os.path.isdir(RF15), reason="RealFusion15 not available")
 SIZE, BORDER = 64, 0.2
 

@@ -76,3 +76,9 @@ def tiny_model_dir(name: str, rebuild: bool = False) -> str:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def realfusion15_dir() -> str:
+    """The RealFusion15 inputs: ``$IT3D_REALFUSION15``, else ``../shared/data/realfusion15`` beside the repo."""
+    return os.environ.get("IT3D_REALFUSION15",
+                          os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "realfusion15"))
