@@ -79,3 +79,31 @@ def test_zero_weight_skips_the_work():
     assert calls == ["a", "c"] and total.item() == pytest.approx(2.0 + 0.5 * 2.0)
     calls.clear()
     assert weighted_terms({"b": None}, {"b": 0}, 0, call) == (None, {}) and calls == []
+
+
+def test_orient_loss_on_the_volume_renderer_closed_form():
+    """A hand-checked case, then the real renderer's per-sample outputs feed the loss."""
+    # one ray, two samples: normal facing away from the camera (n.d = 0.6) with weight 0.5, facing it with 0.5
+    w = torch.tensor([[[[0.5, 0.5]]]])
+    n = torch.tensor([[[[0.6, 0.8, 0.0, -1.0, 0.0, 0.0]]]])
+    d = torch.tensor([[[[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]]]])
+    out = {"weights": w, "sample_normal": n, "t_dirs": d, "opacity": torch.ones(1, 1, 1, 1)}
+    assert float(make("orient")(out, {})) == pytest.approx(0.5 * 0.36)
+
+    from it3d.core import registry
+    from it3d.data.cameras import get_rays, spherical_c2w
+
+    geo = registry.get("geometry", "implicit-volume")({"pos_encoding": {"n_levels": 2, "log2_hashmap_size": 10,
+                                                                        "base_resolution": 4, "max_resolution": 8}})
+    mat = registry.get("material", "diffuse-light")({})
+    bg = registry.get("background", "solid-color")({})
+    ren = registry.get("renderer", "volume")({"num_samples_per_ray": 8, "num_importance_samples": 0},
+                                             geometry=geo, material=mat, background=bg)
+    ro, rd = get_rays(spherical_c2w(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([1.0])), 4, 4, 60.0)
+    r = ren(ro, rd, output_normal=True)
+    assert r["sample_normal"].shape == (1, 4, 4, 8 * 3) and r["t_dirs"].shape == (1, 4, 4, 8 * 3)
+    val = make("orient")(r, {})
+    n = r["sample_normal"].reshape(-1, 3)
+    dd = r["t_dirs"].reshape(-1, 3)
+    expected = (r["weights"].reshape(-1) * (n * dd).sum(-1).clamp_min(0) ** 2).sum() / (r["opacity"] > 0).sum()
+    assert float(val) == pytest.approx(float(expected)) and torch.isfinite(val)

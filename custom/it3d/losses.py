@@ -145,19 +145,22 @@ class OpacityEntropyLoss(_Term):
 @registry.register("orient", kind="loss")
 class OrientLoss(_Term):
     """Ref-NeRF orientation loss: ``sum(w * relu(n . d)^2) / #visible rays`` over volume samples.
-    Needs the renderer's per-sample ``weights`` (N 1), ``normal`` (N 3) and ``t_dirs`` (N 3)."""
+    Needs the renderer's per-sample ``weights`` (B H W S), ``sample_normal`` and ``t_dirs`` (B H W S*3);
+    the coarse system asks the renderer for normals while this term's weight is non-zero."""
+    needs_normals = True
 
     @dataclass
     class Config(_Term.Config):
         view: str = "any"
 
     def forward(self, out: Dict, ref: Dict) -> Tensor:
-        missing = [k for k in ("weights", "normal", "t_dirs") if k not in out]
+        missing = [k for k in ("weights", "sample_normal", "t_dirs") if k not in out]
         if missing:
             raise ConfigError(f"loss 'orient' needs the renderer outputs {missing} (per-sample weights/normals); "
                               f"set the loss weight to 0 or use a renderer that returns them")
-        w, n, d = out["weights"].detach(), out["normal"], out["t_dirs"]
-        val = (w.reshape(-1) * ((n * d).sum(-1).reshape(-1).clamp_min(0) ** 2)).sum()
+        w = out["weights"].detach().reshape(-1)
+        n, d = out["sample_normal"].reshape(-1, 3), out["t_dirs"].reshape(-1, 3)
+        val = (w * ((n * d).sum(-1).clamp_min(0) ** 2)).sum()
         return val / (out["opacity"] > 0).sum().clamp_min(1)
 
 
@@ -165,12 +168,16 @@ class OrientLoss(_Term):
 class NormalSmoothLoss(_Term):
     """Squared difference of ``comp_normal`` between neighbouring pixels, where both are opaque."""
 
+    needs_normals = True
+
     @dataclass
     class Config(_Term.Config):
         view: str = "any"
 
-    def forward(self, out: Dict, ref: Dict) -> Tensor:
+    def forward(self, out: Dict, ref: Dict) -> Optional[Tensor]:
         n, o = out["comp_normal"], out["opacity"].detach()
+        if n.shape[1] < 2 or n.shape[2] < 2:  # not an image (e.g. a random subset of reference rays): no neighbours
+            return None
         dx = ((n[:, :, 1:] - n[:, :, :-1]) ** 2).sum(-1, keepdim=True) * o[:, :, 1:] * o[:, :, :-1]
         dy = ((n[:, 1:] - n[:, :-1]) ** 2).sum(-1, keepdim=True) * o[:, 1:] * o[:, :-1]
         return dx.mean() + dy.mean()

@@ -259,7 +259,11 @@ class VolumeRenderer(BaseRenderer):
     def _render_rays(self, ro: Tensor, rd: Tensor, lp: Optional[Tensor], shading: str, output_normal: bool) -> dict:
         t, starts, ends, hit, mask = self._sample(ro, rd)
         ev = self._eval(ro, rd, t, mask, lp=lp, shading=shading, output_normal=output_normal)
-        return self._composite(ev, t, starts, ends)
+        out = self._composite(ev, t, starts, ends)
+        if "normal" in ev:  # per-sample normals and ray directions (orientation loss)
+            out["sample_normal"] = ev["normal"]
+            out["t_dirs"] = rd[:, None, :].expand_as(ev["normal"])
+        return out
 
     def _composite(self, ev: dict, t: Tensor, starts: Tensor, ends: Tensor) -> dict:
         with record_function("it3d::compositing"):

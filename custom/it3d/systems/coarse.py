@@ -120,7 +120,15 @@ class CoarseSystem(BaseSystem):
     def render(self, view: Dict, shading: Optional[str] = None, bg_color=None) -> Dict:
         bg = None if bg_color is None else torch.as_tensor(bg_color, dtype=torch.float32, device=view["rays_o"].device)
         return self.renderer(view["rays_o"], view["rays_d"], light_positions=view.get("light_positions"),
-                             bg_color=bg, shading=shading, c2w=view.get("c2w"))
+                             bg_color=bg, shading=shading, c2w=view.get("c2w"),
+                             output_normal=True if self._losses_need_normals() else None)
+
+    def _losses_need_normals(self) -> bool:
+        """A normal-based loss (orient, normal-smooth) with a non-zero weight now: render normals in training."""
+        from ..core.config import C
+
+        return self.training and any(getattr(m, "needs_normals", False) and C(self.loss_weights[n], self.true_global_step) != 0
+                                     for n, m in self.losses.items())
 
     @torch.no_grad()
     def render_view(self, c2w: Float[Tensor, "4 4"], fovy_deg: float, height: int, width: int,
