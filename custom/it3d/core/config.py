@@ -431,14 +431,15 @@ def load_config(*yamls: str, cli_args: Sequence[str] = (), extra: Optional[dict]
         cfg = OmegaConf.merge(cfg, load_yaml(y))
     if extra:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(extra))
-    sets, deletes = parse_overrides(cli_args)
-    for key in deletes:
-        _delete_key(cfg, key)
-    if sets:
+    parse_overrides(cli_args)  # check the syntax of all of them first
+    for item in cli_args:  # then apply in the order given: `+a.b={...} ~a.b.c` works
+        if item.startswith("~"):
+            _delete_key(cfg, item[1:].split("=", 1)[0])
+            continue
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(sets))
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item[1:] if item.startswith("+") else item]))
         except OmegaConfBaseException as e:
-            raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"bad override '{item}': {str(e).splitlines()[0]}") from None
     return cfg
 
 
