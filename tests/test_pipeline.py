@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from test_launch import EXT, ROOT, launch
@@ -50,6 +51,8 @@ def test_staged_run_kill_and_resume(tmp_path):
     # hand-off: stage b started from stage a's trained weights, not from the init value 0.5
     a_state = torch.load(trial / "a" / "ckpts" / "last.ckpt", weights_only=False)["state_dict"]
     assert float(a_state["a"]) != 0.5
+    b_start = [float(v) for v in (trial / "b" / "save" / "start.txt").read_text().splitlines()[0].split()]
+    assert b_start == pytest.approx([float(a_state["a"]), float(a_state["b"])], abs=1e-5)  # system.weights loaded
 
     # --export acts on the last trained stage
     r = launch("--config", str(trial / "configs" / "parsed.yaml"), "--export")

@@ -60,6 +60,10 @@ class ToySystem(BaseSystem):
         self.b = torch.nn.Parameter(torch.tensor(self.cfg.init))
         self.seen_steps = []
 
+    def on_fit_start(self):
+        with open(self.get_save_path("start.txt"), "a") as f:  # one line per (re)start
+            f.write(f"{float(self.a):.6f} {float(self.b):.6f}\n")
+
     def training_step(self, batch, batch_idx):
         self.seen_steps.append(self.true_global_step)
         if self.cfg.sleep_s:
