@@ -59,6 +59,34 @@ def test_make_it_3d_tiny_end_to_end(tmp_path):
     _check_final_outputs(str(trial / "refine"))
     print(f"tiny make-it-3d end to end: {wall:.1f} s")
 
+    # texture editing: the same coarse geometry, an edited reference (colour channels swapped)
+    from PIL import Image
+
+    src = np.asarray(Image.open(os.path.join(ROOT, "load", "synthetic", "rgba.png")))
+    edited = src.copy()
+    edited[..., :3] = src[..., [2, 0, 1]]
+    os.makedirs(tmp_path / "edit")
+    Image.fromarray(edited).save(tmp_path / "edit" / "edited.png")
+    r = subprocess.run(_cmd("configs/tiny/texture-edit.yaml", f"exp_root_dir={tmp_path}",
+                            f"data.image_path={tmp_path / 'edit' / 'edited.png'}", "data.preprocess.caption=a toy",
+                            f"stage.refine.system.coarse_stage_dir={trial / 'coarse'}"),
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    import trimesh
+
+    edit = tmp_path / "tiny-texture-edit" / "edited" / "refine"
+    before = trimesh.load(str(trial / "refine" / "save" / "points_init.ply"))
+    after = trimesh.load(str(edit / "save" / "points_init.ply"))
+    from scipy.spatial import cKDTree
+
+    # frozen geometry: every new point lies on the old cloud (the reference mask may differ by resampling)
+    dist, idx = cKDTree(np.asarray(before.vertices)).query(np.asarray(after.vertices))
+    assert np.median(dist) < 1e-5 and (dist < 1e-3).mean() > 0.95
+    c0, c1 = before.colors[idx, :3].astype(int), after.colors[:, :3].astype(int)
+    moved = np.abs(c0[:, [2, 0, 1]] - c1).max(1) <= 2  # reference points took the edited colours
+    assert moved.mean() > 0.05 and not np.array_equal(c0, c1)
+    _check_final_outputs(str(edit))
+
 
 def test_customize_it_3d_tiny_kill_and_resume(tmp_path):
     env = _env()
