@@ -26,6 +26,18 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="[%(levelname)s] %(message)s", stream=sys.stderr, force=True)
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # library chatter that says nothing about the run
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        warnings.filterwarnings("ignore", message=r".*val_dataloader.* but have no `validation_step`.*")
+        warnings.filterwarnings("ignore", message=r".*predict returned None.*")  # --export writes files instead
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover - transformers is a requirement
+            pass
 
 
 def extension_dirs() -> List[str]:
