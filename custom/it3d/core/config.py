@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -24,112 +23,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import registry
-from .errors import It3dError
+from .errors import ConfigError, It3dError  # noqa: F401  (ConfigError is re-exported)
 from .registry import suggest
+from .resolvers import register_resolvers
+from .schedule import C, check_schedule  # noqa: F401  (re-exported)
 
-
-class ConfigError(It3dError, ValueError):
-    """A configuration problem; the message names the dotted key."""
-
-
-# ----------------------------------------------------------------------------- resolvers
-def _image_tag(path) -> str:
-    """A run tag from an image path: its stem, or its folder's name for generic stems (rgba.png, image.png)."""
-    path = str(path)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    if stem.lower() in ("rgba", "image", "img", "input", "rgb") and os.path.basename(os.path.dirname(path)):
-        stem = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return stem.replace(" ", "_")
-
-
-def _tiny_dir(name) -> str:
-    """``${tiny:sd}``: folder of a tiny offline test model (built on first use); for configs/tiny only."""
-    from ..testing import tiny_model_dir
-
-    return tiny_model_dir(str(name))
-
-
-def _register_resolvers() -> None:
-    def _num(x):
-        return float(x) if isinstance(x, str) else x
-
-    resolvers = {
-        "add": lambda a, b: _num(a) + _num(b),
-        "sub": lambda a, b: _num(a) - _num(b),
-        "mul": lambda a, b: _num(a) * _num(b),
-        "div": lambda a, b: _num(a) / _num(b),
-        "idiv": lambda a, b: int(_num(a)) // int(_num(b)),
-        "min": lambda a, b: min(_num(a), _num(b)),
-        "max": lambda a, b: max(_num(a), _num(b)),
-        "int": lambda a: int(_num(a)),
-        "not": lambda a: not a,
-        "gt0": lambda a: _num(a) > 0,
-        "deg2rad": lambda a: math.radians(_num(a)),
-        "basename": lambda p: os.path.basename(str(p)),
-        "dirname": lambda p: os.path.dirname(str(p)),
-        "stem": lambda p: os.path.splitext(os.path.basename(str(p)))[0],
-        "join": lambda *parts: os.path.join(*[str(p) for p in parts]),
-        "abspath": lambda p: os.path.abspath(str(p)),
-        "rmspace": lambda s, sub="_": str(s).replace(" ", sub),
-        "env": lambda name, default="": os.environ.get(str(name), default),
-        "image_tag": _image_tag,
-        "tiny": _tiny_dir,
-    }
-    for name, fn in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            if hasattr(OmegaConf, "register_resolver"):
-                OmegaConf.register_resolver(name, fn, annotation_validation="off")
-            else:  # omegaconf < 2.4
-                OmegaConf.register_new_resolver(name, fn)
-
-
-_register_resolvers()
-
-
-# ----------------------------------------------------------------------------- schedules
-def C(value: Any, step: int, epoch: int = 0) -> float:
-    """Evaluate a schedulable value at ``step``.
-
-    * a number -> itself
-    * ``[start_step, v0, v1, end_step]`` -> v0 before start, v1 after end, linear between
-    * ``[[s0, v0], [s1, v1], ...]`` -> piecewise linear through the points, constant outside
-    """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    if isinstance(value, (ListConfig,)):
-        value = OmegaConf.to_container(value)
-    if isinstance(value, tuple):
-        value = list(value)
-    if not isinstance(value, list) or len(value) == 0:
-        raise ConfigError(f"not a schedule: {value!r} (expected a number, [start, v0, v1, end] or [[step, v], ...])")
-    if all(isinstance(p, (list, tuple, ListConfig)) for p in value):
-        pts = [(float(p[0]), float(p[1])) for p in value]
-        if any(len(p) != 2 for p in value):
-            raise ConfigError(f"piecewise schedule points must be [step, value] pairs: {value!r}")
-        if any(b[0] < a[0] for a, b in zip(pts, pts[1:])):
-            raise ConfigError(f"piecewise schedule steps must be non-decreasing: {value!r}")
-        # right-continuous: at a repeated step (a jump) the later point's value holds
-        if step < pts[0][0]:
-            return pts[0][1]
-        for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
-            if s0 <= step < s1:
-                return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
-        return pts[-1][1]
-    if len(value) == 4:
-        start, v0, v1, end = value
-        if step <= start:
-            return v0
-        if step >= end:
-            return v1
-        return v0 + (v1 - v0) * (step - start) / (end - start)
-    raise ConfigError(f"not a schedule: {value!r} (expected a number, [start, v0, v1, end] or [[step, v], ...])")
-
-
-def check_schedule(value: Any, path: str) -> None:
-    try:
-        C(value, 0)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+register_resolvers()
 
 
 # ----------------------------------------------------------------------------- field helpers

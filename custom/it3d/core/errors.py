@@ -3,3 +3,7 @@
 
 class It3dError(Exception):
     """Base of every error whose message is meant for the person running it3d."""
+
+
+class ConfigError(It3dError, ValueError):
+    """A configuration problem; the message names the dotted key."""
