@@ -67,7 +67,7 @@ class SceneCoarse:
         self.supersample = supersample
         self.n_renders = 0
 
-    def render_view(self, c2w, fovy_deg, height, width, shading="albedo", bg_color=None):
+    def render_view(self, c2w, fovy_deg, height, width, shading="albedo", bg_color=None, normals=True):
         self.n_renders += 1
         v = _render(c2w, fovy_deg, height, width, self.supersample)
         a = v["mask"]

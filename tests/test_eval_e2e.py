@@ -22,8 +22,6 @@ def bench(out, **kw):
 
 @pytest.mark.slow
 def test_runner_on_tiny_make_it_3d(tmp_path):
-    if not os.path.isfile(CONFIG):
-        pytest.skip(f"{CONFIG} does not exist yet")
     if not all(os.path.isfile(os.path.join(REALFUSION, n, "rgba.png")) for n in NAMES):
         pytest.skip(f"RealFusion15 inputs not found at {REALFUSION} (set IT3D_REALFUSION15)")
     out = tmp_path / "bench"

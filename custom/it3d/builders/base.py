@@ -185,6 +185,13 @@ class ViewBuilder(BaseBuilder):
         self.stats: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ cameras
+    def start(self, reference: Dict[str, Any]) -> Camera:
+        """Reset the stats, hand the caption to the enhancer; returns the reference camera."""
+        self.stats = {}
+        if self.enhancer is not None:
+            self.enhancer.set_caption(str(reference.get("caption", "") or ""))
+        return self.reference_camera(reference)
+
     def reference_camera(self, reference: Dict[str, Any]) -> Camera:
         for key in ("rgb", "mask", "c2w", "fovy"):
             if key not in reference:
@@ -230,7 +237,7 @@ class ViewBuilder(BaseBuilder):
         """Render the coarse stage from ``cam``: object colour, opacity, z-depth, foreground mask."""
         white = torch.ones(3, device=self.device)
         out = coarse.render_view(cam.c2w, cam.fovy, cam.height, cam.width, shading=self.cfg.render_shading,
-                                 bg_color=white)
+                                 bg_color=white, normals=False)
         for key in ("comp_rgb", "opacity", "depth"):
             if key not in out:
                 raise It3dError(f"{type(self).__name__}: coarse.render_view returned no '{key}' "

@@ -57,10 +57,7 @@ class DepthUnprojectionBuilder(ViewBuilder):
 
     @torch.no_grad()
     def build(self, coarse: Any, reference: Dict[str, Any]) -> Dict[str, Tensor]:
-        self.stats = {}
-        ref_cam = self.reference_camera(reference)
-        if self.enhancer is not None:
-            self.enhancer.set_caption(str(reference.get("caption", "") or ""))
+        ref_cam = self.start(reference)
         ref_view = self.render(coarse, ref_cam)
         sel = self.reference_mask(reference, ref_cam)
         if self.cfg.ref_require_opacity:

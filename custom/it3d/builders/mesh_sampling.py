@@ -92,10 +92,7 @@ class MeshSamplingBuilder(ViewBuilder):
 
     @torch.no_grad()
     def build(self, coarse: Any, reference: Dict[str, Any]) -> Dict[str, Tensor]:
-        self.stats = {}
-        ref_cam = self.reference_camera(reference)
-        if self.enhancer is not None:
-            self.enhancer.set_caption(str(reference.get("caption", "") or ""))
+        ref_cam = self.start(reference)
         pts = self.sample_surface(coarse)
         n = pts.shape[0]
         colors = torch.zeros(n, 3, device=self.device)

@@ -117,11 +117,13 @@ class CoarseSystem(BaseSystem):
             dm.do_update_step(self.current_epoch, self.global_step)
 
     # ------------------------------------------------------------------ rendering
-    def render(self, view: Dict, shading: Optional[str] = None, bg_color=None) -> Dict:
+    def render(self, view: Dict, shading: Optional[str] = None, bg_color=None,
+               output_normal: Optional[bool] = None) -> Dict:
         bg = None if bg_color is None else torch.as_tensor(bg_color, dtype=torch.float32, device=view["rays_o"].device)
         return self.renderer(view["rays_o"], view["rays_d"], light_positions=view.get("light_positions"),
                              bg_color=bg, shading=shading, c2w=view.get("c2w"),
-                             output_normal=True if self._losses_need_normals() else None)
+                             output_normal=True if output_normal is None and self._losses_need_normals()
+                             else output_normal)
 
     def _losses_need_normals(self) -> bool:
         """A normal-based loss (orient, normal-smooth) with a non-zero weight now: render normals in training."""
@@ -132,15 +134,17 @@ class CoarseSystem(BaseSystem):
 
     @torch.no_grad()
     def render_view(self, c2w: Float[Tensor, "4 4"], fovy_deg: float, height: int, width: int,
-                    shading: str = "albedo", bg_color=(1.0, 1.0, 1.0)) -> Dict:
-        """Render one camera (eval mode, no grad) -> renderer outputs with batch size 1."""
+                    shading: str = "albedo", bg_color=(1.0, 1.0, 1.0), normals: bool = True) -> Dict:
+        """Render one camera in eval mode -> renderer outputs with batch size 1. ``normals=False`` skips
+        the density-gradient pass (callers that only need colour, opacity and depth)."""
         was = self.training
         self.eval()
         try:
             c2w = c2w.to(self.device).float()
             rays_o, rays_d = cameras.get_rays(c2w[None], height, width, float(fovy_deg))
             view = {"rays_o": rays_o, "rays_d": rays_d, "c2w": c2w[None], "light_positions": c2w[None, :3, 3]}
-            return self.render(view, shading=shading, bg_color=bg_color)
+            # shaded modes need normals whatever the caller asked
+            return self.render(view, shading=shading, bg_color=bg_color, output_normal=normals or shading != "albedo")
         finally:
             self.train(was)
 
