@@ -9,7 +9,7 @@ from transformers import CLIPVisionModelWithProjection
 
 from it3d.core import registry
 from it3d.core.config import ConfigError
-from it3d.guidance.zero123 import CCProjection
+from it3d.guidance.zero123 import CLIPCameraProjection
 from it3d.testing import tiny_model_dir
 
 import it3d.guidance  # noqa: F401
@@ -119,7 +119,7 @@ def test_zero123_relative_camera_and_angle_scale(zero123):
 def test_zero123_cfg_by_hand_and_angle_scaled_loss(zero123):
     path = tiny_model_dir("zero123")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval()
-    cc = CCProjection.from_pretrained(path, subfolder="cc_projection").eval()
+    cc = CLIPCameraProjection.from_pretrained(path, subfolder="clip_camera_projection").float().eval()
     enc = CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder").eval()
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()
     ref = F.interpolate(reference()["rgb"].permute(0, 3, 1, 2), (64, 64), mode="bilinear")

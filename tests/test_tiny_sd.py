@@ -9,7 +9,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipel
 from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from it3d.core import hub
-from it3d.guidance.zero123 import CCProjection
+from it3d.guidance.zero123 import CLIPCameraProjection
 from it3d.testing import tiny_model_dir, tiny_model_names
 from it3d.testing.tiny_sd import PROJ_DIM, TEXT_DIM, build_clip
 
@@ -32,7 +32,10 @@ def test_sd_pipeline_folder_round_trip():
     assert words == ["a</w>", "photo</w>", "of</w>", "sks</w>", "rgb</w>", "normal</w>", "map</w>", "depth</w>", "mask</w>"]
     ids = tok(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert tok.model_max_length == 77 and ids.shape == (1, 77)
-    assert ids[0, 0] == tok.convert_tokens_to_ids("<|startoftext|>") and ids[0, -1] == tok.eos_token_id
+    # SD2's OpenCLIP tokenizer pads with "!" (token 0) after the end token
+    n = len(tok.tokenize("a photo of a cat"))
+    assert ids[0, 0] == tok.convert_tokens_to_ids("<|startoftext|>") and ids[0, n + 1] == tok.eos_token_id
+    assert tok.pad_token == "!" and ids[0, -1] == 0
     assert torch.equal(pipe.unet.conv_in.weight, unet.conv_in.weight)
 
     torch.testing.assert_close(sched.alphas_cumprod[[0, 999]], torch.tensor([1 - 0.00085, 0.0047]), atol=2e-4, rtol=0)
@@ -68,14 +71,14 @@ def test_clip_folder_and_vision_with_projection(tmp_path):
 def test_zero123_folder_round_trip():
     path = tiny_model_dir("zero123")
     index = json.load(open(os.path.join(path, "model_index.json")))
-    for part in ("unet", "vae", "image_encoder", "feature_extractor", "scheduler", "cc_projection"):
+    for part in ("unet", "vae", "image_encoder", "feature_extractor", "scheduler", "clip_camera_projection"):
         assert part in index and os.path.isdir(os.path.join(path, part))
     unet = hub.load(UNet2DConditionModel, path, subfolder="unet", dtype="auto", device="cpu")
-    cc = hub.load(CCProjection, path, subfolder="cc_projection", dtype="auto", device="cpu")
+    cc = hub.load(CLIPCameraProjection, path, subfolder="clip_camera_projection", dtype="auto", device="cpu")
     enc = hub.load(CLIPVisionModelWithProjection, path, subfolder="image_encoder", dtype="auto", device="cpu")
     fe = hub.load(CLIPImageProcessor, path, subfolder="feature_extractor")
     assert unet.config.in_channels == 8 and unet.config.out_channels == 4
-    assert cc.config.in_channel == PROJ_DIM + 4 and cc.config.out_channel == PROJ_DIM == unet.config.cross_attention_dim
+    assert cc.config.embedding_dim == PROJ_DIM == unet.config.cross_attention_dim and cc.config.additional_embeddings == 4
     with torch.no_grad():
         emb = enc(pixel_values=fe(images=[torch.rand(3, 64, 64)], return_tensors="pt").pixel_values).image_embeds
         cond = cc(torch.cat([emb, torch.zeros(1, 4)], -1))[:, None]

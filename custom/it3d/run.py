@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from .core import io
-from .core.config import ConfigError, ExperimentConfig, load_config, parse_structured, validate_experiment
+from .core.config import (ConfigError, ExperimentConfig, check_precision, load_config, parse_structured,
+                          validate_experiment)
 from .core.errors import It3dError
 
 log = logging.getLogger("it3d")
@@ -121,6 +122,7 @@ def _prepare_config(config_files: Sequence[str], overrides: Sequence[str], devic
         cfg.stage_dirs = {str(s.get("name")): os.path.join(str(cfg.trial_dir), str(s.get("name")))
                           for s in cfg.stages if isinstance(s, DictConfig) and s.get("name")}
         parsed = parse_structured(ExperimentConfig, cfg, "")
+        check_precision(parsed.precision)
         prepare_stages(cfg, device)  # every stage checked before any work starts
     else:
         parsed = validate_experiment(cfg)
@@ -135,6 +137,9 @@ def run_cli(args, extras: Sequence[str]) -> int:
         mode = next(m for m in ("train", "validate", "test", "export", "preprocess") if getattr(args, m))
         cfg, parsed = prepare_config(args.config, extras, device=dev["device"],
                                      n_gpus=len(dev["devices"]) if isinstance(dev["devices"], list) else 1)
+        from .core import hub
+
+        hub.set_precision(parsed.precision)
         if parsed.stages:
             from .systems.pipeline import run_pipeline
 
@@ -178,7 +183,22 @@ def write_configs(cfg: DictConfig, trial_dir: str) -> None:
     io.write_text(os.path.join(trial_dir, "configs", "parsed.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks: Optional[list] = None):
+def mixed_precision(system: Any, parsed: ExperimentConfig, dev: dict) -> Optional[str]:
+    """Lightning's ``precision`` for a system that trains weights through half-precision models
+    (``system.trains_pretrained``, e.g. DreamBooth): the run's half dtype as mixed precision, fp32
+    master weights. None: leave Lightning's default (fp32), or the trainer config's own choice."""
+    from .core import hub
+
+    if not getattr(system, "trains_pretrained", False) or "precision" in (parsed.trainer or {}):
+        return None
+    import torch
+
+    half = hub.autocast_dtype(dev["device"])
+    return {torch.float16: "16-mixed", torch.bfloat16: "bf16-mixed"}.get(half)
+
+
+def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks: Optional[list] = None,
+                  precision: Optional[str] = None):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -196,6 +216,8 @@ def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks
     tkw = {"max_steps": 1000, "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
            "inference_mode": False}
     tkw.update(dict(parsed.trainer or {}))
+    if precision is not None:
+        tkw["precision"] = precision
     tkw.setdefault("accelerator", dev["accelerator"])
     tkw.setdefault("devices", dev["devices"])
     return pl.Trainer(default_root_dir=trial_dir, callbacks=cbs, logger=loggers,
@@ -216,7 +238,10 @@ def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, *
     """One Lightning run (train / validate / test / export) in ``cfg.trial_dir``. Returns the trial dir."""
     import lightning.pytorch as pl
 
+    from .core import hub
+
     trial_dir = str(cfg.trial_dir)
+    hub.set_precision(parsed.precision)
     pl.seed_everything(parsed.seed, workers=True, verbose=False)
     resume = parsed.resume
     if resume is not None and not os.path.isfile(resume):
@@ -228,7 +253,7 @@ def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, *
     if mode == "train":
         write_configs(cfg, trial_dir)
     dm, system = build_components(cfg, parsed, trial_dir, resumed=resume is not None, **system_kwargs)
-    trainer = build_trainer(parsed, trial_dir, dev)
+    trainer = build_trainer(parsed, trial_dir, dev, precision=mixed_precision(system, parsed, dev))
     log.info(f"trial dir: {trial_dir}")
     if mode == "train":
         bad = [m for m in parsed.after_train if m not in ("test", "export")]

@@ -29,7 +29,9 @@ from ..core.typing import Bool, Float, Tensor
 @dataclass
 class EnhanceConfig:
     enabled: bool = False
-    pretrained_model_name_or_path: str = "runwayml/stable-diffusion-v1-5"  # or <dreambooth stage>/save/pipeline
+    # the base model the configs already load (runwayml/stable-diffusion-v1-5 left the hub); Customize-It-3D
+    # wires <dreambooth stage>/save/pipeline here
+    pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-2-base"
     prompt: str = ""
     class_name: str = ""
     negative_prompt: str = ""
@@ -83,6 +85,10 @@ class Img2ImgEnhancer:
                             dtype=self.cfg.dtype, device=self.device, config_key=_config_key("enhance"),
                             safety_checker=None, requires_safety_checker=False)
             pipe = pipe.to(self.device)
+            # a light pass re-runs 1-8 steps: DDIM, not the repo's PNDM (SD2-base), whose multistep warm-up needs more
+            from diffusers import DDIMScheduler
+
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
             pipe.set_progress_bar_config(disable=True)
             self._pipe = pipe
         return self._pipe
@@ -104,7 +110,10 @@ class Img2ImgEnhancer:
         steps = max(int(self.cfg.num_inference_steps), int(math.ceil(1.0 / strength - 1e-9)))
         dtype = next(pipe.unet.parameters()).dtype
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        out = pipe(prompt=[self.prompt] * x.shape[0], image=x.to(dtype), strength=float(strength),
+        # encode to the posterior mean ourselves (4-channel input = latents for the pipeline): the pipeline
+        # would add a VAE sample's noise on top of the strength's
+        latents = pipe.vae.encode((x * 2.0 - 1.0).to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+        out = pipe(prompt=[self.prompt] * x.shape[0], image=latents.to(dtype), strength=float(strength),
                    num_inference_steps=steps, guidance_scale=self.cfg.guidance_scale,
                    negative_prompt=[self.cfg.negative_prompt] * x.shape[0] if self.cfg.negative_prompt else None,
                    generator=gen, output_type="pt").images

@@ -238,6 +238,8 @@ class ExperimentConfig:
     exp_root_dir: str = "outputs"
     trial_dir: Optional[str] = None  # set by launch; may be given to reuse a trial dir
     n_gpus: int = 1
+    # every pretrained model's dtype (components' `dtype: auto`): auto = fp16 on CUDA, fp32 on CPU
+    precision: str = "auto"
     resume: Optional[str] = None
     data_type: str = component("datamodule", "single-image", "data")
     data: dict = field(default_factory=dict)
@@ -268,9 +270,20 @@ def _check_trainer(cfg: ExperimentConfig) -> None:
                 raise ConfigError(f"unknown config key '{key}.{k}'{suggest(k, allowed)}")
 
 
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def check_precision(value: Any, path: str = "precision") -> str:
+    if value not in PRECISIONS:
+        raise ConfigError(f"{path}: unknown precision '{value}'{suggest(str(value), PRECISIONS)} "
+                          f"(use {', '.join(PRECISIONS)})")
+    return value
+
+
 def validate_experiment(cfg: Any) -> ExperimentConfig:
     """Parse and check the whole run config (the experiment and every component in it)."""
     parsed = validate_dataclass(ExperimentConfig, cfg, "")
+    check_precision(parsed.precision)
     _check_trainer(parsed)
     return parsed
 

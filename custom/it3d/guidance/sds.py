@@ -8,7 +8,9 @@ A subclass supplies only its conditioning -- how to turn the rendered image into
   ``t_max = max_step_percent * T`` (both schedules, evaluated at the step given to ``forward``);
 * ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (``eps`` drawn from the optional seeded generator
   or passed in);
-* classifier-free guidance ``eps_hat = eps_u + s (eps_c - eps_u)`` (:meth:`guided_unet`);
+* classifier-free guidance ``eps_hat = eps_u + s (eps_c - eps_u)`` (:meth:`guided_unet`); a
+  v-prediction model's output is turned into noise, ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``
+  (the model's ``scheduler.config.prediction_type`` decides; ``sample`` models are refused);
 * weighting ``w(t)`` = ``1 - abar_t`` (``sds``) or ``1`` (``uniform``), optional clamp of the gradient;
 * the loss ``0.5 * sum_i s_i ||x_i - sg(x_i - g_i)||^2 / B`` whose gradient w.r.t. latent ``x_i`` is
   ``s_i g_i / B`` with ``g = w(t)(eps_hat - eps)`` (``s_i`` a per-sample scale, default 1). The UNet
@@ -64,6 +66,11 @@ class SDSGuidance(BaseGuidance):
         from diffusers import DDIMScheduler
 
         sched = self.load(DDIMScheduler, self.model_subfolder_scheduler)
+        self.prediction_type = str(sched.config.get("prediction_type", "epsilon"))
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"{self.cfg_path}.pretrained_model_name_or_path: the model predicts "
+                              f"'{self.prediction_type}' (scheduler prediction_type); SDS supports epsilon and "
+                              "v_prediction models")
         self.num_train_timesteps = int(sched.config.num_train_timesteps)
         self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
         self.generator = None if self.cfg.seed is None else torch.Generator(self.device).manual_seed(int(self.cfg.seed))
@@ -120,8 +127,9 @@ class SDSGuidance(BaseGuidance):
             x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False)
         return x
 
-    def vae_encode(self, x: Float[Tensor, "B 3 S S"], vae: Any = None, scaled: bool = True, mode: bool = False) -> Tensor:
-        """Images in [0, 1] -> VAE latents (sampled, or the mode), times the scaling factor when ``scaled``."""
+    def vae_encode(self, x: Float[Tensor, "B 3 S S"], vae: Any = None, scaled: bool = True, mode: bool = True) -> Tensor:
+        """Images in [0, 1] -> ``vae.encode(2x - 1).latent_dist.mean`` (or a sample, ``mode=False``), times
+        ``vae.config.scaling_factor`` when ``scaled``. The mean keeps SDS free of the posterior's noise."""
         vae = vae or self.models["vae"]
         dist = vae.encode((x * 2.0 - 1.0).to(self.dtype)).latent_dist
         z = dist.mode() if mode else dist.sample(generator=self.generator)
@@ -152,7 +160,15 @@ class SDSGuidance(BaseGuidance):
         context = torch.cat([cond, uncond], 0).to(self.dtype)
         eps = unet(x_in.to(self.dtype), torch.cat([t, t], 0), encoder_hidden_states=context).sample
         eps_c, eps_u = eps.float().chunk(2)
-        return eps_u + scale * (eps_c - eps_u)
+        return self.to_noise(eps_u + scale * (eps_c - eps_u), x_t, t)
+
+    def to_noise(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The model's (guided) output as a noise prediction: identity for epsilon models; for
+        v-prediction ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t`` (linear, so CFG commutes with it)."""
+        if getattr(self, "prediction_type", "epsilon") != "v_prediction":
+            return pred
+        a = self.alphas_cumprod[t].view(-1, *([1] * (pred.dim() - 1)))
+        return a.sqrt() * pred + (1.0 - a).sqrt() * x_t.float()
 
     # ------------------------------------------------------------------ subclass hooks
     def encode_images(self, rgb: Float[Tensor, "B H W 3"], batch: Dict[str, Any]) -> Tensor:

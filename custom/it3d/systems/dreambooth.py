@@ -8,6 +8,12 @@ MSE (the target follows ``scheduler.config.prediction_type``: epsilon, v_predict
 generates once before training (``num_class_images``, cached in ``<save>/class_images`` with the
 settings that made them; a rerun or a resume reuses them and makes only the missing ones).
 
+Precision: the trained UNet and text encoder keep fp32 master weights and, when the run's
+``precision`` is half (fp16 on CUDA by default, or bf16), train in Lightning's mixed precision
+(``trains_pretrained``); the frozen VAE and the class-image pipeline (a separate copy of the base
+model, freed after use) run in the run's precision. Sampling with the trained fp32 UNet through
+the half VAE (``--test``) runs under autocast.
+
 Training stops after the schedule's total step count. At the end (and on ``--export``) the
 fine-tuned model is written as a diffusers ``StableDiffusionPipeline`` folder at
 ``<save>/pipeline`` (written to a temp dir, then renamed), with ``it3d_dreambooth.json`` naming
@@ -56,6 +62,8 @@ def training_target(scheduler, latents: Float[Tensor, "B C h w"], noise: Float[T
 
 @register("dreambooth", kind="system")
 class DreamBoothSystem(BaseSystem):
+    trains_pretrained = True  # the runner trains it in mixed precision when the run's precision is half
+
     @dataclass
     class Config(BaseSystem.Config):
         pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-2-base"
@@ -68,7 +76,7 @@ class DreamBoothSystem(BaseSystem):
         class_guidance_scale: float = 7.5
         class_batch_size: int = 4
         class_seed: int = 0
-        vae_dtype: str = "auto"  # the frozen VAE; the trained UNet / text encoder are fp32 (use trainer.precision)
+        vae_dtype: str = "auto"  # the frozen VAE (auto: the run's precision); the trained UNet / text encoder keep fp32 weights
         gradient_checkpointing: bool = False
         save_dtype: str = "fp32"  # weights of the saved pipeline: fp32 | fp16
         sample_steps: int = 50  # --test samples
@@ -157,10 +165,14 @@ class DreamBoothSystem(BaseSystem):
         missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
         if missing:
             log.info(f"dreambooth: generating {len(missing)} class images for '{self.class_prompt}'")
-            pipe = self.pipeline()
-            pipe.to(self.run_device)
-            was_training = self.unet.training
-            self.unet.eval()
+            from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+            # the base model (not the weights being trained, also on a resume), in the run's precision
+            pipe = hub.load(StableDiffusionPipeline, c.pretrained_model_name_or_path, dtype="auto",
+                            device=self.run_device, config_key="system.pretrained_model_name_or_path", cache=False,
+                            safety_checker=None, requires_safety_checker=False)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.set_progress_bar_config(disable=True)
             for start in range(0, len(missing), c.class_batch_size):
                 idx = missing[start:start + c.class_batch_size]
                 gen = torch.Generator(device=self.run_device).manual_seed(c.class_seed + idx[0])
@@ -169,7 +181,9 @@ class DreamBoothSystem(BaseSystem):
                             generator=gen, output_type="np").images
                 for i, img in zip(idx, imgs):
                     io.save_image(paths[i], img)
-            self.unet.train(was_training)
+            del pipe
+            if self.run_device.type == "cuda":
+                torch.cuda.empty_cache()
         from ..data.single_image import read_image
 
         return torch.from_numpy(np.stack([read_image(p)[..., :3] for p in paths])) if paths else None
@@ -265,6 +279,8 @@ class DreamBoothSystem(BaseSystem):
         pipe = self.pipeline()
         gen = torch.Generator(device=self.device).manual_seed(int(batch["index"]))
         res = self.dm.cfg.resolution
-        img = pipe(batch["prompt"], num_inference_steps=self.cfg.sample_steps, height=res, width=res,
-                   guidance_scale=self.cfg.sample_guidance_scale, generator=gen, output_type="np").images[0]
+        half = self.vae.dtype if self.vae.dtype != self.unet.dtype else None  # fp32 UNet, half VAE: autocast
+        with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
+            img = pipe(batch["prompt"], num_inference_steps=self.cfg.sample_steps, height=res, width=res,
+                       guidance_scale=self.cfg.sample_guidance_scale, generator=gen, output_type="np").images[0]
         self.save_image(f"test/{int(batch['index']):02d}_{batch['modality']}.png", img)

@@ -37,7 +37,7 @@ from ..core.errors import It3dError
 log = logging.getLogger("it3d")
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
                            "configs")
-SHARED_KEYS = ("name", "tag", "seed", "exp_root_dir", "use_timestamp", "timestamp", "description")
+SHARED_KEYS = ("name", "tag", "seed", "exp_root_dir", "use_timestamp", "timestamp", "description", "precision")
 RUNS = ("lightning", "preprocess", "text-to-image")
 
 

@@ -6,7 +6,9 @@ once into a cache folder (``$IT3D_TINY_DIR``, default ``<repo>/.it3d_cache/tiny`
 reused; each builder is deterministic (fixed seed).
 
 ``tiny_model_dir("sd")`` returns the folder of the tiny Stable Diffusion pipeline,
-building it first when needed. Builders register themselves with :func:`tiny_builder`.
+building it first when needed. Builders register themselves with :func:`tiny_builder`; each
+takes ``(out_dir, size="tiny")`` and writes the published hub layout of the model it imitates
+(``size="full"``: the published architecture with random weights, see :func:`model_dir`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import tempfile
 from typing import Callable, Dict
 
 _BUILDERS: Dict[str, Callable[[str], None]] = {}
-_VERSION = "1"
+_VERSION = "2"  # bump when a builder changes what it writes
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
@@ -25,7 +27,7 @@ def tiny_root() -> str:
 
 
 def tiny_builder(name: str):
-    """Register ``fn(out_dir)`` that builds the tiny model ``name`` into ``out_dir``."""
+    """Register ``fn(out_dir, size="tiny")`` that builds model ``name`` into ``out_dir``."""
 
     def deco(fn):
         if name in _BUILDERS and _BUILDERS[name] is not fn:
@@ -54,19 +56,26 @@ def tiny_model_names():
 
 def tiny_model_dir(name: str, rebuild: bool = False) -> str:
     """Folder holding tiny model ``name`` (built on first use; atomic: built in a temp dir, then renamed)."""
+    return model_dir(name, "tiny", tiny_root(), rebuild)
+
+
+def model_dir(name: str, size: str = "tiny", root: str = "", rebuild: bool = False) -> str:
+    """Folder ``<root>/<name>-v<N>`` (``-full`` for full size) holding model ``name`` in its published
+    layout, built on first use (atomic: built in a temp dir, then renamed)."""
     _load_builders()
     if name not in _BUILDERS:
         from ..core.registry import suggest
 
         raise KeyError(f"no tiny model '{name}'{suggest(name, _BUILDERS)} (known: {', '.join(sorted(_BUILDERS))})")
-    out = os.path.join(tiny_root(), f"{name}-v{_VERSION}")
+    root = root or tiny_root()
+    out = os.path.join(root, f"{name}-v{_VERSION}" + ("" if size == "tiny" else f"-{size}"))
     if rebuild and os.path.isdir(out):
         shutil.rmtree(out)
     if not os.path.isdir(out):
-        os.makedirs(tiny_root(), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=tiny_root())
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
         try:
-            _BUILDERS[name](tmp)
+            _BUILDERS[name](tmp, size=size) if size != "tiny" else _BUILDERS[name](tmp)
             try:
                 os.replace(tmp, out)
             except OSError:  # another process won the race
