@@ -10,12 +10,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="it3d: one image to a 3D asset", allow_abbrev=False)
     p.add_argument("--config", required=True, nargs="+", help="one or more YAML files, merged in order")
-    mode = p.add_mutually_exclusive_group(required=True)
+    mode = p.add_mutually_exclusive_group()
     mode.add_argument("--train", action="store_true", help="train (every stage of a staged config)")
     mode.add_argument("--validate", action="store_true", help="run validation on a checkpoint (resume=...)")
     mode.add_argument("--test", action="store_true", help="render the test orbit to save/ (turntable mp4)")
     mode.add_argument("--export", action="store_true", help="write meshes / point clouds to save/")
     mode.add_argument("--preprocess", action="store_true", help="only run the preprocessing estimators")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and every model it needs, print the stage plan, write the resolved "
+                        "configs to <trial>/dry-run/, and exit without training (implies --train)")
     p.add_argument("--gpu", default="0", help="GPU indices, e.g. 0 or 0,1 (CPU is used when CUDA is absent)")
     p.add_argument("--stage", default=None, help="for --test/--export/--validate on a staged run: which stage")
     p.add_argument("--typecheck", action="store_true", help="runtime shape/type checks (jaxtyping + beartype)")
@@ -24,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args, extras = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if not any((args.train, args.validate, args.test, args.export, args.preprocess)):
+        if not args.dry_run:
+            parser.error("one of the arguments --train --validate --test --export --preprocess is required")
+        args.train = True
     bad = [e for e in extras if e.startswith("-")]
     if bad:
         print(f"error: unknown flag {bad[0]} (overrides are key=value without dashes)", file=sys.stderr)

@@ -134,12 +134,18 @@ def run_cli(args, extras: Sequence[str]) -> int:
     try:
         import_extensions()
         dev = configure_device(args.gpu)
-        mode = next(m for m in ("train", "validate", "test", "export", "preprocess") if getattr(args, m))
+        mode = next((m for m in ("train", "validate", "test", "export", "preprocess") if getattr(args, m)), "train")
+        dry_run = bool(getattr(args, "dry_run", False))
         cfg, parsed = prepare_config(args.config, extras, device=dev["device"],
                                      n_gpus=len(dev["devices"]) if isinstance(dev["devices"], list) else 1)
         from .core import hub
+        from .runner.preflight import preflight
 
         hub.set_precision(parsed.precision)
+        if mode in ("train", "preprocess") or dry_run:
+            preflight(cfg, parsed, mode, dev["device"], dry_run=dry_run)  # before anything is written
+        if dry_run:
+            return 0
         if parsed.stages:
             from .systems.pipeline import run_pipeline
 
@@ -152,6 +158,8 @@ def run_cli(args, extras: Sequence[str]) -> int:
             run_stage(cfg, parsed, mode, dev)
         return 0
     except It3dError as e:
+        for line in getattr(e, "lines", ()):  # details of a multi-item error (the pre-flight's missing models)
+            print(line, file=sys.stderr)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1

@@ -89,6 +89,11 @@ def entry_at(schedule: Sequence[Sequence[Any]], step: int) -> int:
     return len(schedule) - 1
 
 
+def scaled_steps(steps: int, scale: float) -> int:
+    """A modality's step count times ``step_scale``, at least one step unless it has none."""
+    return max(1, int(round(int(steps) * scale))) if int(steps) else 0
+
+
 @registry.register("dreambooth", kind="datamodule")
 class DreamBoothDataModule(SingleImageDataModule):
     @dataclass
@@ -141,9 +146,7 @@ class DreamBoothDataModule(SingleImageDataModule):
     @property
     def schedule(self) -> List[Tuple[str, str, int]]:
         """[(modality, prompt, steps)] in training order, step counts scaled by ``step_scale``."""
-        scale = self.cfg.step_scale
-        return [(e.modality, self.prompt(e.prompt), max(1, int(round(int(e.steps) * scale))) if int(e.steps) else 0)
-                for e in self.entries]
+        return [(e.modality, self.prompt(e.prompt), scaled_steps(e.steps, self.cfg.step_scale)) for e in self.entries]
 
     @property
     def total_steps(self) -> int:

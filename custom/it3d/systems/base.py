@@ -137,6 +137,8 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
             if entry is None:  # `name: null` removes an inherited entry
                 continue
             type_name, weight, rest = split_term(name, entry, path)
+            if isinstance(weight, (int, float)) and not isinstance(weight, bool) and float(weight) == 0.0:
+                continue  # a constant-zero term is never computed: don't build it (nor load its models)
             cls = registry.get(kind, type_name)
             modules[name] = cls(rest, path=f"{path}.{name}", **kwargs)
             weights[name] = weight
