@@ -116,3 +116,30 @@ def test_locate_without_loading(tmp_path, monkeypatch):
     (tmp_path / "cache" / "models--org--cached" / "refs" / "main").write_text("a" * 40)
     status, path = hub.locate("org/cached")
     assert status == "cache" and os.path.samefile(path, snap)
+
+
+def test_pipelines_are_moved_to_the_device_and_frozen(tmp_path):
+    """text-to-image / img2img load diffusers pipelines: hub.load moves them to the run's device (a pipeline is
+    not an nn.Module, so `.to` must be called on it) and freezes their models."""
+
+    class FakePipeline:
+        moved_to = None
+
+        def __init__(self):
+            self.unet = torch.nn.Linear(2, 2)
+
+        @property
+        def components(self):
+            return {"unet": self.unet, "scheduler": object()}
+
+        def to(self, device):
+            FakePipeline.moved_to = torch.device(device)
+            return self
+
+        @classmethod
+        def from_pretrained(cls, path, **kw):
+            return cls()
+
+    pipe = hub.load(FakePipeline, str(tmp_path), device="meta", cache=False)
+    assert FakePipeline.moved_to == torch.device("meta")
+    assert not pipe.unet.training and not any(p.requires_grad for p in pipe.unet.parameters())

@@ -215,7 +215,10 @@ def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks
 
     ckpt_kwargs = {"save_last": True, "every_n_train_steps": None}
     ckpt_kwargs.update(dict(parsed.checkpoint or {}))
-    cbs = [ModelCheckpoint(dirpath=os.path.join(trial_dir, "ckpts"), **ckpt_kwargs)] + list(callbacks or [])
+    from .runner.timing import StepTimer
+
+    cbs = [ModelCheckpoint(dirpath=os.path.join(trial_dir, "ckpts"), **ckpt_kwargs), StepTimer(trial_dir)] + \
+        list(callbacks or [])
     loggers = [
         TensorBoardLogger(save_dir=trial_dir, name="logs", version="tb", default_hp_metric=False),
         CSVLogger(save_dir=trial_dir, name="logs", version="csv"),

@@ -3,7 +3,7 @@
 One step = VAE encode of the rendered image (with gradient) + UNet with classifier-free
 guidance (batch 2, no gradient) + backward to the image, run through the real guidance
 classes (``stable-diffusion``, ``zero123``): they are built on the tiny test models, then their
-UNet / VAE (and Zero123's cc_projection) are swapped for full-size random ones:
+UNet / VAE (and Zero123's camera projection) are swapped for full-size random ones:
 
 * SD2-base UNet (320/640/1280/1280, linear projections, head dims 5/10/20/20, cross-attn 1024),
   512x512 image -> 64x64 latents;
@@ -79,7 +79,7 @@ def build(which: str, device: torch.device, dtype: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from it3d.core import registry
-    from it3d.guidance.zero123 import CCProjection
+    from it3d.guidance.zero123 import CLIPCameraProjection
     from it3d.testing import tiny_model_dir
 
     import it3d.guidance  # noqa: F401
@@ -105,7 +105,7 @@ def build(which: str, device: torch.device, dtype: str):
         emb = torch.randn(1, 77, 1024, device=device, dtype=g.dtype)
         g.prompt_processor.get_text_embeddings = lambda e, a, prompt=None: (emb.expand(len(e), -1, -1), torch.zeros_like(emb).expand(len(e), -1, -1))
     else:
-        g.models["cc_projection"] = ready(CCProjection(772, 768))
+        g.models["camera_projection"] = ready(CLIPCameraProjection(768, 4))
         size = 256
         g.set_reference({"rgb": torch.rand(1, size, size, 3, device=device), "elevation": torch.zeros(1),
                          "azimuth": torch.zeros(1), "camera_distances": torch.ones(1)})

@@ -173,6 +173,9 @@ class DreamBoothSystem(BaseSystem):
                             safety_checker=None, requires_safety_checker=False)
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
             pipe.set_progress_bar_config(disable=True)
+            import time
+
+            t0 = time.perf_counter()
             for start in range(0, len(missing), c.class_batch_size):
                 idx = missing[start:start + c.class_batch_size]
                 gen = torch.Generator(device=self.run_device).manual_seed(c.class_seed + idx[0])
@@ -183,7 +186,10 @@ class DreamBoothSystem(BaseSystem):
                     io.save_image(paths[i], img)
             del pipe
             if self.run_device.type == "cuda":
+                torch.cuda.synchronize(self.run_device)
                 torch.cuda.empty_cache()
+            io.write_text(os.path.join(folder, "timing.json"), json.dumps(  # for the speed tables
+                {"images": len(missing), "steps": c.class_inference_steps, "seconds": round(time.perf_counter() - t0, 3)}))
         from ..data.single_image import read_image
 
         return torch.from_numpy(np.stack([read_image(p)[..., :3] for p in paths])) if paths else None

@@ -40,6 +40,19 @@ def _quiet_processor_warnings():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def _pil_processor(model: str, name: str):
+    """The PIL image processor class (no torchvision needed); the plain class on transformers versions
+    without the ``image_processing_pil_*`` modules (a machine with torchvision, e.g. the GPU check's)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"transformers.models.{model}.image_processing_pil_{model}"), name + "Pil")
+    except (ImportError, AttributeError):
+        import transformers
+
+        return getattr(transformers, name)
+
+
 def _device(size: str) -> torch.device:
     return torch.device("cuda" if size == "full" and torch.cuda.is_available() else "cpu")
 
@@ -50,7 +63,7 @@ def _save(model, out_dir: str, size: str) -> None:
 
 def build_sam(out_dir: str, size: str = "tiny", huge: bool = False) -> None:
     from transformers import SamConfig, SamModel, SamProcessor
-    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+    SamImageProcessorPil = _pil_processor("sam", "SamImageProcessor")
 
     torch.manual_seed(SEED)
     if size == "full":
@@ -87,7 +100,7 @@ def build_sam(out_dir: str, size: str = "tiny", huge: bool = False) -> None:
 
 def build_depth(out_dir: str, size: str = "tiny") -> None:
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+    DPTImageProcessorPil = _pil_processor("dpt", "DPTImageProcessor")
 
     torch.manual_seed(SEED)
     if size == "full":
@@ -117,7 +130,7 @@ def build_depth(out_dir: str, size: str = "tiny") -> None:
 
 def build_caption(out_dir: str, size: str = "tiny") -> None:
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    BlipImageProcessorPil = _pil_processor("blip", "BlipImageProcessor")
 
     torch.manual_seed(SEED)
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
