@@ -14,3 +14,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def hand_converted_zero123(dst):
+    """The kxic/zero123-xl (``cc_projection``) fixture, re-laid out *by hand* -- plain file edits, none of
+    it3d's builders -- as bennyguo/zero123-xl-diffusers' ``clip_camera_projection`` folder: folder renamed,
+    weights re-keyed ``projection.*`` -> ``proj.*`` into fp16 safetensors, config.json and the
+    model_index.json entry rewritten as the published ones read. Returns ``dst``."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from it3d.testing import tiny_model_dir
+
+    shutil.copytree(tiny_model_dir("zero123-cc"), dst)
+    sub = os.path.join(dst, "clip_camera_projection")
+    os.rename(os.path.join(dst, "cc_projection"), sub)
+    state = torch.load(os.path.join(sub, "diffusion_pytorch_model.bin"), weights_only=True)
+    os.remove(os.path.join(sub, "diffusion_pytorch_model.bin"))
+    save_file({"proj.weight": state["projection.weight"].half().contiguous(),
+               "proj.bias": state["projection.bias"].half().contiguous()},
+              os.path.join(sub, "diffusion_pytorch_model.safetensors"))
+    out_dim, in_dim = state["projection.weight"].shape
+    with open(os.path.join(sub, "config.json"), "w") as f:
+        json.dump({"_class_name": "CLIPCameraProjection", "_diffusers_version": "0.22.2",
+                   "additional_embeddings": int(in_dim - out_dim), "embedding_dim": int(out_dim)}, f)
+    with open(os.path.join(dst, "model_index.json")) as f:
+        index = json.load(f)
+    del index["cc_projection"]
+    index.update(_class_name="Zero123Pipeline", clip_camera_projection=["zero123", "CLIPCameraProjection"])
+    with open(os.path.join(dst, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    return str(dst)

@@ -12,13 +12,14 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import it3d  # noqa: F401  (registers every component)
 from it3d.core import hub, registry
 from it3d.core.config import ConfigError
 from it3d.guidance.zero123 import CCProjection, CLIPCameraProjection
 from it3d.testing import tiny_model_dir
+
+from conftest import hand_converted_zero123
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -153,27 +154,12 @@ def test_every_fixture_loads_through_the_config_code_path(tmp_path):
 
 def test_hand_converted_clip_camera_projection_folder(tmp_path):
     """The kxic (cc_projection) fixture, re-laid out by hand as bennyguo's clip_camera_projection folder:
-    loads as CLIPCameraProjection and predicts exactly what the original predicts."""
+    loads as CLIPCameraProjection and predicts what the original predicts. (The bf16 Customize-It-3D
+    end-to-end test runs its coarse stage with this folder.)"""
     src = tiny_model_dir("zero123-cc")
-    dst = tmp_path / "zero123-by-hand"
-    shutil.copytree(src, dst)
-    os.rename(dst / "cc_projection", dst / "clip_camera_projection")
-    state = torch.load(dst / "clip_camera_projection" / "diffusion_pytorch_model.bin", weights_only=True)
-    os.remove(dst / "clip_camera_projection" / "diffusion_pytorch_model.bin")
-    save_file({"proj.weight": state["projection.weight"].half().contiguous(),
-               "proj.bias": state["projection.bias"].half().contiguous()},
-              str(dst / "clip_camera_projection" / "diffusion_pytorch_model.safetensors"))
-    out_dim, in_dim = state["projection.weight"].shape
-    (dst / "clip_camera_projection" / "config.json").write_text(json.dumps(
-        {"_class_name": "CLIPCameraProjection", "_diffusers_version": "0.22.2",
-         "additional_embeddings": in_dim - out_dim, "embedding_dim": out_dim}))
-    index = json.loads((dst / "model_index.json").read_text())
-    del index["cc_projection"]
-    index.update(_class_name="Zero123Pipeline", clip_camera_projection=["zero123", "CLIPCameraProjection"])
-    (dst / "model_index.json").write_text(json.dumps(index))
-
+    dst = hand_converted_zero123(str(tmp_path / "zero123-by-hand"))
     preds = {}
-    for name, path in (("cc", src), ("hand", str(dst))):
+    for name, path in (("cc", src), ("hand", dst)):
         z = registry.get("guidance", "zero123")({"pretrained_model_name_or_path": path, "resolution": 64, "seed": 0},
                                                 path="system.guidance.zero123", device=CPU)
         z.set_reference({"rgb": torch.linspace(0, 1, 32 * 32 * 3).reshape(1, 32, 32, 3)})

@@ -291,7 +291,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="make-it-3d,customize-it-3d")
     p.add_argument("--steps", type=int, default=40, help="coarse steps per run (half at each resolution)")
     p.add_argument("--refine-steps", type=int, default=10)
-    p.add_argument("--budget-s", type=float, default=480.0, help="stop starting runs past this many seconds")
+    p.add_argument("--budget-s", type=float, default=420.0, help="start no run past this many seconds")
+    p.add_argument("--deadline-s", type=float, default=540.0, help="kill a run still going at this many seconds")
     p.add_argument("--rehearsal", action="store_true", help="CPU rehearsal: the tiny configs with tiny models")
     p.add_argument("--work", default="/tmp/it3d-gpu-work")
     a = p.parse_args(argv)
@@ -328,7 +329,7 @@ def main(argv=None) -> int:
                 continue
             log(f"run {method} {precision} ({left:.0f} s left)")
             res = run_method(method, configs[method], precision, image, a.work, env, figures[method], a.steps,
-                             a.refine_steps, a.rehearsal, left)
+                             a.refine_steps, a.rehearsal, a.deadline_s - (time.time() - t_start))
             report["runs"].append(res)
             log(json.dumps({k: v for k, v in res.items() if k != "dtypes"}))
             log(f"  dtypes: {json.dumps(res['dtypes'])}")
