@@ -229,3 +229,16 @@ def test_v_prediction_model_is_converted_to_noise(tmp_path):
     with pytest.raises(ConfigError, match="predicts 'sample'"):
         registry.get("guidance", "stable-diffusion")({"pretrained_model_name_or_path": str(dst)},
                                                      path="system.guidance.sd", device=CPU)
+
+
+def test_camera_maths_keeps_the_batch_device():
+    """Numbers mixed with device tensors stay on that device (the meta device stands in for CUDA: a CPU tensor
+    broadcast against it fails as against a CUDA one) -- Zero123's angle scale crashed on CUDA this way."""
+    from it3d.data import cameras
+
+    elev, azim = torch.zeros(3, device="meta"), torch.tensor([0.0, 90.0, 180.0], device="meta")
+    assert cameras.camera_position(elev, azim, 1.0).device.type == "meta"
+    assert cameras.angle_from_view(elev, azim, 0.0, 0.0).device.type == "meta"
+    assert cameras.relative_camera(0.0, 0.0, 1.0, elev, azim, torch.ones(3, device="meta")).device.type == "meta"
+    torch.testing.assert_close(cameras.angle_from_view(torch.zeros(3), torch.tensor([0.0, 90.0, 180.0])),
+                               torch.tensor([0.0, 90.0, 180.0]), atol=1e-3, rtol=0)

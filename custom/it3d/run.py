@@ -153,7 +153,7 @@ def run_cli(args, extras: Sequence[str]) -> int:
         elif mode == "preprocess":
             from .preprocess.entry import preprocess_from_config
 
-            preprocess_from_config(cfg)
+            preprocess_from_config(cfg, dev["device"])
         else:
             run_stage(cfg, parsed, mode, dev)
         return 0

@@ -196,6 +196,8 @@ def run_method(method: str, config: str, precision: str, image: str, work: str, 
     cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", os.path.join(ROOT, config), "--train",
            "use_timestamp=false", f"exp_root_dir={out_root}", f"precision={precision}", f"data.image_path={image}",
            "tag=run", *overrides(figures, steps, refine_steps, rehearsal)]
+    if not rehearsal:  # random BLIP weights caption nothing; the prompts and DreamBooth's class need words
+        cmd.append("data.preprocess.caption=a photo of a teddy bear on a table")
     t0 = time.time()
     try:
         r = subprocess.run(cmd, cwd=ROOT, env={**env, "IT3D_DTYPE_LOG": dlog}, capture_output=True, text=True,

@@ -27,9 +27,16 @@ def _t(x: Number, ref: Tensor = None) -> Tensor:
     return torch.tensor(float(x), dtype=torch.float32, device=None if ref is None else ref.device)
 
 
+def _same_device(*xs: Number) -> Tuple[Tensor, ...]:
+    """Numbers and tensors -> float tensors on the device of the first tensor among them (a Python number
+    becomes a tensor there, not on the CPU: broadcasting a CPU tensor with a CUDA one fails)."""
+    ref = next((x for x in xs if isinstance(x, Tensor)), None)
+    return tuple(_t(x, ref).to(ref.device) if ref is not None else _t(x) for x in xs)
+
+
 def camera_position(elevation_deg: Number, azimuth_deg: Number, distance: Number) -> Tensor:
     """(..., 3) camera centres for angles in degrees."""
-    e, a, r = torch.broadcast_tensors(_t(elevation_deg), _t(azimuth_deg), _t(distance))
+    e, a, r = torch.broadcast_tensors(*_same_device(elevation_deg, azimuth_deg, distance))
     e, a = torch.deg2rad(e), torch.deg2rad(a)
     return torch.stack([r * torch.cos(e) * torch.cos(a), r * torch.cos(e) * torch.sin(a), r * torch.sin(e)], -1)
 
@@ -131,9 +138,10 @@ def relative_camera(elev_ref: Tensor, azim_ref: Tensor, dist_ref: Tensor,
                     elev: Tensor, azim: Tensor, dist: Tensor) -> Tensor:
     """Zero-1-to-3 relative camera ``[d_polar, sin d_azimuth, cos d_azimuth, d_radius]`` (radians),
     polar = 90 - elevation. Shapes broadcast to (B, 4)."""
-    d_polar = torch.deg2rad((90 - _t(elev)) - (90 - _t(elev_ref)))
-    d_az = torch.deg2rad(_t(azim) - _t(azim_ref))
-    d_r = _t(dist) - _t(dist_ref)
+    elev, azim, dist, elev_ref, azim_ref, dist_ref = _same_device(elev, azim, dist, elev_ref, azim_ref, dist_ref)
+    d_polar = torch.deg2rad((90 - elev) - (90 - elev_ref))
+    d_az = torch.deg2rad(azim - azim_ref)
+    d_r = dist - dist_ref
     d_polar, d_az, d_r = torch.broadcast_tensors(d_polar, d_az, d_r)
     return torch.stack([d_polar, torch.sin(d_az), torch.cos(d_az), d_r], -1)
 

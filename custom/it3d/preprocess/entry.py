@@ -262,13 +262,14 @@ def preprocess_config_from_data(data_cfg: Any) -> Dict[str, Any]:
     return pre
 
 
-def preprocess_from_config(root_cfg: Any) -> Dict[str, Any]:
-    """``launch.py --preprocess``: preprocess ``data.image_path`` with ``data.preprocess``."""
+def preprocess_from_config(root_cfg: Any, device: Any = None) -> Dict[str, Any]:
+    """``launch.py --preprocess`` and a staged run's preprocess stage: preprocess ``data.image_path`` with
+    ``data.preprocess`` on ``device`` (the run's, from ``--gpu``; else ``data.device``, else the CPU)."""
     data = root_cfg.get("data") or {}
     image = data.get("image_path")
     if not image or image == "???":
         raise It3dError("preprocessing needs data.image_path (set it in the YAML or data.image_path=photo.png)")
-    device = data.get("device") or (root_cfg.get("system") or {}).get("device") or "cpu"
+    device = device or data.get("device") or (root_cfg.get("system") or {}).get("device") or "cpu"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = ensure_preprocessed(str(image), preprocess_config_from_data(data), device)

@@ -198,7 +198,7 @@ def run_pipeline(cfg: DictConfig, parsed: Any, mode: str, dev: dict, stage: Opti
     if mode == "preprocess":
         for spec, scfg, _ in stages:
             if spec.run == "preprocess":
-                _run_preprocess(scfg)
+                _run_preprocess(scfg, dev["device"])
         return trial_dir
 
     write_configs(cfg, trial_dir)
@@ -212,7 +212,7 @@ def run_pipeline(cfg: DictConfig, parsed: Any, mode: str, dev: dict, stage: Opti
         if spec.run == "preprocess":
             log.info(f"stage '{spec.name}': preprocessing")
             os.makedirs(sdir, exist_ok=True)
-            _run_preprocess(scfg)
+            _run_preprocess(scfg, dev["device"])
         elif spec.run == "text-to-image":
             from .text_to_image import generate_reference
 
@@ -231,7 +231,7 @@ def run_pipeline(cfg: DictConfig, parsed: Any, mode: str, dev: dict, stage: Opti
     return trial_dir
 
 
-def _run_preprocess(scfg: DictConfig) -> None:
+def _run_preprocess(scfg: DictConfig, device: str) -> None:
     from ..preprocess.entry import preprocess_from_config
 
-    preprocess_from_config(scfg)
+    preprocess_from_config(scfg, device)  # the run's device (--gpu): the estimators run on the GPU too
