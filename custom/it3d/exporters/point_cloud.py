@@ -21,7 +21,8 @@ from ..core import io
 from ..core.base import BaseExporter
 from ..core.errors import It3dError
 from ..core.registry import register
-from .refined_mesh import bake_views, blend_colors, fill_unseen
+from .refined_mesh import blend_colors, fill_unseen
+from .views import bake_views
 
 
 @register("refined-point-cloud", kind="exporter")
@@ -29,7 +30,7 @@ class RefinedPointCloudExporter(BaseExporter):
     @dataclass
     class Config:
         colors: str = "descriptor"  # descriptor | render
-        render_size: int = 512
+        render_size: int = 800  # the refine stage's training resolution
         elevations: List[float] = field(default_factory=lambda: [0.0, 30.0, -20.0])
         azimuths: List[float] = field(default_factory=lambda: [0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0])
         depth_tol: float = 0.01
