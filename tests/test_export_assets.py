@@ -86,7 +86,7 @@ class _Geo(torch.nn.Module):
 
 def export(tmp_path, ref_azimuth=0.0, **cfg):
     stage = Stage(ref_azimuth)
-    exporter = get("exporter", "mesh")({"texture_size": 256, "fidelity_size": 48, **cfg}, path="system.exporter")
+    exporter = get("exporter", "mesh")({"texture_size": 256, "fidelity_size": 48, "render_size": 96, **cfg}, path="system.exporter")
     paths = exporter.export(stage, str(tmp_path / "export" / "mesh"))
     return stage, paths
 

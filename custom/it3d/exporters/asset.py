@@ -6,8 +6,9 @@ front +Z, metres, origin at the base) -> ``<stem>.obj/.mtl/_texture.png/.glb`` -
 of the written file (:mod:`.fidelity`: ``fidelity.json`` + ``preview.png`` beside it), with the
 time of every step in ``fidelity.json["timings_s"]``.
 
-Subclasses implement :meth:`surface` (vertices, faces in the world frame), :meth:`bake` and
-:meth:`reference`; the system-facing entry point stays ``export(system, stem)``; the stage render
+Subclasses implement :meth:`surface` (vertices, faces in the world frame), :meth:`bake` (they may
+use :meth:`bake_from_renders`: colours projected from the stage's own renders, so the texture shows
+what the stage renders) and :meth:`reference`; the system-facing entry point stays ``export(system, stem)``; the stage render
 used by the check is ``system.render_view`` (albedo, white background).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..core.errors import It3dError
 from ..core.typing import Tensor
 from . import fidelity
 from .conventions import ORIGINS, asset_frame
+from .projection import project_colors
 from .surface import decimate, make_watertight, vertex_normals
 from .texture import uv_unwrap
 from .views import BakeView, bake_views
@@ -52,6 +54,14 @@ class MeshAssetExporter(BaseExporter):
         fidelity_azimuths: List[float] = field(
             default_factory=lambda: [0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0])  # relative to the reference
         fidelity_ssaa: int = 2
+        # projection bake from the stage's renders (it3d.exporters.projection)
+        render_size: int = 512
+        elevations: List[float] = field(default_factory=lambda: [0.0, 30.0, -20.0])
+        azimuths: List[float] = field(default_factory=lambda: [0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0])
+        blend: str = "average"  # average | best
+        power: float = 4.0  # cos^power view weights
+        reference_weight: float = 4.0
+        depth_tol: float = 0.02  # relative depth tolerance of the visibility test
 
     cfg: Config
 
@@ -61,6 +71,8 @@ class MeshAssetExporter(BaseExporter):
             raise It3dError(f"export.origin must be one of {', '.join(ORIGINS)}, got '{c.origin}'")
         if c.target_faces is not None and c.target_faces <= 0:
             raise It3dError(f"export.target_faces must be > 0 or null, got {c.target_faces}")
+        if c.blend not in ("average", "best"):
+            raise It3dError(f"export.blend must be 'average' or 'best', got '{c.blend}'")
 
     # ------------------------------------------------------------------ to implement
     def reference(self, system: Any) -> Dict[str, Any]:
@@ -93,6 +105,30 @@ class MeshAssetExporter(BaseExporter):
             return out["comp_rgb"][0].float().cpu(), out["opacity"][0, ..., 0].float().cpu()
 
         return render
+
+    @staticmethod
+    def bake_render(system: Any):
+        """view -> the colour the stage renders there: the foreground colour divided by the opacity when the
+        renderer gives it (no background blended into the texture), else the white-background composite."""
+        white = torch.ones(3, device=system.device)
+
+        def render(view: BakeView):
+            out = system.render_view(view.c2w, view.fovy, view.height, view.width, bg_color=white, shading="albedo",
+                                     normals=False)
+            if "comp_rgb_fg" in out:
+                return (out["comp_rgb_fg"][0] / out["opacity"][0].clamp_min(1e-3)).clamp(0, 1)
+            return out["comp_rgb"][0]
+
+        return render
+
+    def bake_from_renders(self, system: Any, vertices: Tensor, faces: Tensor, texels: Dict[str, Tensor],
+                          reference: Dict[str, Any]):
+        """-> (colours of the covered texels N 3, seen N bool) projected from the stage's renders."""
+        c = self.cfg
+        m = texels["mask"]
+        views = bake_views(reference, c.elevations, c.azimuths, c.render_size)
+        return project_colors(self.bake_render(system), vertices, faces, texels["points"][m], texels["face_id"][m],
+                              views, c.depth_tol, c.power, c.blend, c.reference_weight)
 
     def export(self, system: Any, stem: str) -> Dict[str, str]:
         """Write ``stem``.obj/.mtl/.glb + ``stem``_texture.png (and fidelity.json + preview.png beside them)."""

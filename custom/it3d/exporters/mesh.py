@@ -1,9 +1,14 @@
 """``mesh`` exporter (coarse stage): marching cubes -> decimation -> xatlas -> albedo texture baked on the CPU.
 
-Baking rasterizes the UV layout into texture space (every texel gets its triangle and barycentrics),
-interpolates the 3-D positions, queries the geometry's features and the material's ``albedo``
-shading there; texels outside the charts copy the nearest chart texel (no seams under bilinear or
-mip-mapped lookups). The rest of the pipeline (asset frame, files, fidelity check) is
+Baking rasterizes the UV layout into texture space (every texel gets its triangle and barycentrics)
+and interpolates the 3-D positions. ``bake_source: field`` (the default; the official Make-It-3D
+export) queries the geometry's features and the material's ``albedo`` shading at every texel.
+``bake_source: renders`` gives each texel the colour the NeRF renders there instead (albedo volume
+renders of the bake views at ``render_size``, foreground divided by opacity;
+:mod:`it3d.exporters.projection`) and texels no view sees the field's albedo; it costs 25 volume
+renders and, on the tiny CPU run, measured 0.7 dB lower reference-view PSNR than ``field``
+(a fuzzy NeRF renders different colours from different views, and the blend averages them). Texels outside the charts
+copy the nearest chart texel (no seams under bilinear or mip-mapped lookups). The rest of the pipeline (asset frame, files, fidelity check) is
 :class:`it3d.exporters.asset.MeshAssetExporter`'s.
 """
 from __future__ import annotations
@@ -21,18 +26,22 @@ from .asset import MeshAssetExporter
 from .texture import fill_gutter, uv_texels
 
 
+def query_colors(query, points: Float[Tensor, "N 3"], chunk: int = 65536) -> Float[Tensor, "N 3"]:
+    if points.shape[0] == 0:
+        return points.new_zeros(0, 3)
+    return torch.cat([query(c).detach() for c in torch.split(points, chunk)], 0).float().cpu().clamp(0, 1)
+
+
 @torch.no_grad()
 def bake_texture(query, vertices: Float[Tensor, "V 3"], uv: Float[Tensor, "U 2"], uv_faces: Int[Tensor, "F 3"],
                  vmapping: Int[Tensor, "U"], size: int, chunk: int = 65536) -> Tuple[np.ndarray, np.ndarray]:
     """-> (texture S S 3, row 0 = v 1, whose chart texels are ``query(points N 3) -> N 3`` on the surface
     and whose other texels copy the nearest chart texel; the chart mask S S)."""
     r = uv_texels(vertices, uv, uv_faces, vmapping, size)
-    mask = r["mask"]
-    pts = r["points"][mask]
-    cols = torch.cat([query(c) for c in torch.split(pts, chunk)], 0) if pts.shape[0] else pts.new_zeros(0, 3)
+    mask = r["mask"].numpy()
     tex = np.ones((size, size, 3), np.float32)
-    tex[mask.numpy()] = cols.float().cpu().clamp(0, 1).numpy()
-    return fill_gutter(tex, mask.numpy()), mask.numpy()
+    tex[mask] = query_colors(query, r["points"][r["mask"]], chunk).numpy()
+    return fill_gutter(tex, mask), mask
 
 
 @registry.register("mesh", kind="exporter")
@@ -40,6 +49,7 @@ class MeshExporter(MeshAssetExporter):
     @dataclass
     class Config(MeshAssetExporter.Config):
         chunk_size: int = 65536
+        bake_source: str = "field"  # field | renders
 
     cfg: Config
 
@@ -50,12 +60,18 @@ class MeshExporter(MeshAssetExporter):
                             "through launch.py, which attaches the stage's single-image datamodule)")
         return dm.reference
 
+    def configure(self, **kwargs) -> None:
+        super().configure(**kwargs)
+        if self.cfg.bake_source not in ("renders", "field"):
+            raise It3dError(f"export.bake_source must be 'renders' or 'field', got '{self.cfg.bake_source}'")
+
     def surface(self, system: Any):
         v, f = system.geometry.isosurface(**self.isosurface_kwargs())
         if f.shape[0] == 0:
             raise It3dError("export: the isosurface is empty; nothing to write")
         return v.detach().cpu().float(), f.detach().cpu().long()
 
+    @torch.no_grad()
     def bake(self, system, vertices, faces, uv, uv_faces, vmap, reference):
         geo = system.geometry
         device = next(geo.parameters()).device
@@ -67,7 +83,18 @@ class MeshExporter(MeshAssetExporter):
         was = system.training
         system.eval()
         try:
-            tex, mask = bake_texture(query, vertices, uv, uv_faces, vmap, self.cfg.texture_size, chunk=self.cfg.chunk_size)
+            c = self.cfg
+            r = uv_texels(vertices, uv, uv_faces, vmap, c.texture_size)
+            m = r["mask"]
+            cols = query_colors(query, r["points"][m], c.chunk_size)
+            info = {"chart_fraction": round(float(m.float().mean()), 4), "bake_source": c.bake_source}
+            if c.bake_source == "renders":
+                seen_cols, seen = self.bake_from_renders(system, vertices, faces, r, reference)
+                cols[seen] = seen_cols[seen].cpu()  # texels no view sees keep the field's albedo
+                info.update(seen_fraction=round(float(seen.float().mean()), 4), bake_render_size=c.render_size)
+            tex = np.ones((c.texture_size, c.texture_size, 3), np.float32)
+            tex[m.numpy()] = cols.numpy()
+            tex = fill_gutter(tex, m.numpy())
         finally:
             system.train(was)
-        return tex, {"chart_fraction": round(float(mask.mean()), 4)}
+        return tex, info

@@ -21,7 +21,7 @@ from ..core import io
 from ..core.base import BaseExporter
 from ..core.errors import It3dError
 from ..core.registry import register
-from .refined_mesh import blend_colors, fill_unseen
+from .projection import blend_colors, fill_unseen
 from .views import bake_views
 
 
