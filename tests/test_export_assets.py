@@ -174,17 +174,19 @@ def test_obj_and_mtl_share_the_frame_and_material(tmp_path):
     assert "map_Kd mesh_texture.png" in mtl and "Pm 0.000" in mtl and "Pr 1.000" in mtl
 
 
-def test_fidelity_json_and_preview(tmp_path):
+@pytest.mark.parametrize("bake_source", ["field", "renders"])
+def test_fidelity_json_and_preview(tmp_path, bake_source):
     from PIL import Image
 
     from it3d.exporters import fidelity
 
-    stage, paths = export(tmp_path)
+    stage, paths = export(tmp_path, bake_source=bake_source)
     rec = json.load(open(paths["fidelity"]))
     assert [v["view"] for v in rec["views"]] == ["reference"] + [f"el15_az{a}" for a in range(0, 360, 45)]
     assert rec["reference"]["mask_iou"] >= 0.98 and rec["reference"]["psnr"] >= 35.0, rec["reference"]
     assert min(v["mask_iou"] for v in rec["views"]) >= 0.95 and rec["meets_targets"]
-    assert rec["faces"] == rec["faces_extracted"] == len(stage.f)
+    assert rec["faces"] == rec["faces_extracted"] == len(stage.f) and rec["bake_source"] == bake_source
+    assert stage.renders == 9 + (25 if bake_source == "renders" else 0)  # fidelity views (+ bake views)
     # the preview: reference column (2 rows) + 2 rows of 4 (exported | stage) pairs, 48-pixel views
     w = Image.open(paths["preview"]).size
     gap = 3
