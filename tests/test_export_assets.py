@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from it3d.core.registry import get
-from it3d.data import cameras
 from it3d.data.random_views import camera_batch
 from it3d.renderers.mesh_rasterizer import interpolate, rasterize_mesh
 
