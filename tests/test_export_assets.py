@@ -227,3 +227,16 @@ def test_bad_export_options_fail_clearly(tmp_path):
         get("exporter", "mesh")({"origin": "top"}, path="system.exporter")
     with pytest.raises(It3dError, match="export.scale"):
         export(tmp_path, scale="huge")
+
+
+def test_run_report_shows_export_fidelity(tmp_path):
+    from it3d.eval import report
+
+    _, paths = export(tmp_path)
+    rec = json.load(open(paths["fidelity"]))
+    files = sorted(os.path.join(tmp_path, "export", f) for f in os.listdir(tmp_path / "export"))
+    html = open(report.write_run_report(str(tmp_path), {"name": "x", "status": "ok"},
+                                        {"exports": {"coarse": files}})).read()
+    assert "<h2>Export fidelity</h2>" in html and 'src="export/preview.png"' in html
+    assert f"<td class=\"l\">reference</td><td>{report.fmt(rec['reference']['psnr'])}</td>" in html
+    assert html.count("<td class=\"l\">el15_az") == 8
