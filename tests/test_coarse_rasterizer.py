@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from it3d.data import cameras
-from it3d.exporters.mesh import bake_texture, dilate
+from it3d.exporters.mesh import bake_texture
+from it3d.exporters.texture import fill_gutter, pull_push_fill
 from it3d.renderers.mesh_rasterizer import interpolate, rasterize_2d, rasterize_mesh
 
 
@@ -55,18 +56,55 @@ def test_sphere_silhouette_area_matches_the_analytic_disc():
     assert r["depth"][48, 48].item() == pytest.approx(0.7, abs=2e-3)
 
 
-def test_bake_texture_and_dilate():
+def test_bake_texture_and_gutter():
     # one quad in UV space covering the left half of the texture; colour = x coordinate of the 3D point
     v = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [1.0, 1, 0], [0.0, 1, 0]])
     uv = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.5, 1.0], [0.0, 1.0]])
     faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
-    tex = bake_texture(lambda p: p[:, :1].expand(-1, 3), v, uv, faces, torch.arange(4), 16, dilate_iterations=2)
-    assert tex[8, 0, 0].item() == pytest.approx(1 / 16, abs=1e-4)  # texel centre u = 0.5/16 -> x = 1/16
-    assert tex[8, 7, 0].item() == pytest.approx(15 / 16, abs=1e-4)
-    assert tex[8, 9, 0].item() == pytest.approx(15 / 16, abs=1e-4)  # dilated 2 texels past the border
-    assert tex[8, 12, 0].item() == 1.0  # untouched background
-    img = torch.zeros(3, 3, 1)
+    tex, mask = bake_texture(lambda p: p[:, :1].expand(-1, 3), v, uv, faces, torch.arange(4), 16)
+    assert mask[:, :8].all() and not mask[:, 8:].any()
+    assert tex[8, 0, 0] == pytest.approx(1 / 16, abs=1e-4)  # texel centre u = 0.5/16 -> x = 1/16
+    assert tex[8, 7, 0] == pytest.approx(15 / 16, abs=1e-4)
+    assert tex[8, 9, 0] == pytest.approx(15 / 16, abs=1e-4)  # outside the chart: the nearest chart texel
+    assert tex[8, 15, 0] == pytest.approx(15 / 16, abs=1e-4)
+    img = torch.zeros(3, 3, 1).numpy()
     img[1, 1] = 4.0
-    valid = torch.zeros(3, 3, dtype=torch.bool)
+    valid = torch.zeros(3, 3, dtype=torch.bool).numpy()
     valid[1, 1] = True
-    assert torch.equal(dilate(img, valid, 1), torch.full((3, 3, 1), 4.0))
+    assert (fill_gutter(img, valid) == 4.0).all()
+
+
+def test_pull_push_fill_interpolates_between_known_texels():
+    img = torch.zeros(8, 8, 3)
+    known = torch.zeros(8, 8, dtype=torch.bool)
+    known[:, 0], known[:, 7] = True, True
+    img[:, 7] = 1.0
+    out = pull_push_fill(img, known)
+    assert torch.equal(out[known], img[known])  # known texels untouched
+    row = out[4, :, 0]
+    assert (row[1:] >= row[:-1] - 1e-6).all() and 0.2 < float(row[3]) < 0.8  # a smooth ramp from 0 to 1
+    assert torch.allclose(out[:, 3], out[:1, 3].expand(8, 3), atol=1e-6)  # constant down each column
+    one = torch.zeros(5, 7, dtype=torch.bool)
+    one[2, 3] = True  # a single known texel (odd sizes) fills everything with its colour
+    assert torch.allclose(pull_push_fill(torch.full((5, 7, 3), 0.3) * one[..., None], one), torch.full((5, 7, 3), 0.3))
+
+
+def test_render_textured_samples_the_texture_upright():
+    """A camera-facing square with a 2x2 texture (row 0 = v 1): top-left red, top-right green,
+    bottom-left blue, bottom-right white must appear in those image quadrants."""
+    from it3d.renderers.mesh_rasterizer import render_textured
+
+    v = torch.tensor([[0.0, -0.5, -0.5], [0.0, 0.5, -0.5], [0.0, 0.5, 0.5], [0.0, -0.5, 0.5]])  # x = 0 plane
+    f = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    uv = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    tex = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]], [[0, 0, 1.0], [1.0, 1.0, 1.0]]])
+    c2w = cameras.spherical_c2w(0.0, 0.0, 2.0)  # at +x looking at the origin: world +y is image right
+    out = render_textured(v, f, uv, tex, c2w, 60.0, 64, 64, bg_color=(0.5, 0.5, 0.5), ssaa=1)
+    half = 0.5 / math.tan(math.radians(30)) * 32 / 2  # the square's half-size in pixels
+    assert out["coverage"].sum().item() == pytest.approx((2 * half) ** 2, rel=0.05)
+    q = lambda i, j: out["rgb"][32 + i, 32 + j]  # noqa: E731
+    assert torch.allclose(q(-8, -8), torch.tensor([1.0, 0, 0]), atol=0.02)
+    assert torch.allclose(q(-8, 7), torch.tensor([0, 1.0, 0]), atol=0.02)
+    assert torch.allclose(q(7, -8), torch.tensor([0, 0, 1.0]), atol=0.02)
+    assert torch.allclose(q(7, 7), torch.tensor([1.0, 1.0, 1.0]), atol=0.02)
+    assert torch.allclose(out["rgb"][1, 1], torch.tensor([0.5, 0.5, 0.5]))

@@ -42,6 +42,25 @@ def _check_final_outputs(stage_dir):
     assert len(mesh.faces) > 10
     glb = trimesh.load(os.path.join(save, "export", "mesh.glb"), force="mesh")
     assert len(glb.faces) > 10
+    check_exported_asset(os.path.join(save, "export"))
+
+
+def check_exported_asset(export_dir):
+    """glTF conventions read back with pygltflib (1 m tall, base at Y = 0, centred, embedded PNG, PBR, UVs
+    in [0, 1]) and the fidelity record of the export; returns the record."""
+    import json
+
+    from test_export_assets import read_glb
+
+    g, pos, _, _, uv, img, png = read_glb(os.path.join(export_dir, "mesh.glb"))
+    assert pos[:, 1].min() == pytest.approx(0.0, abs=1e-5) and pos[:, 1].max() == pytest.approx(1.0, abs=1e-4)
+    assert np.abs(pos.min(0) + pos.max(0))[[0, 2]].max() < 1e-4
+    assert img.mimeType == "image/png" and png.std() > 0.01 and 0.0 <= uv.min() and uv.max() <= 1.0
+    assert g.materials[0].pbrMetallicRoughness.metallicFactor == 0.0
+    rec = json.load(open(os.path.join(export_dir, "fidelity.json")))
+    assert len(rec["views"]) == 9 and os.path.isfile(os.path.join(export_dir, "preview.png"))
+    print(f"{export_dir}: reference {rec['reference']}, novel mean {rec['novel_mean']}")
+    return rec
 
 
 def test_make_it_3d_tiny_end_to_end(tmp_path):

@@ -105,14 +105,17 @@ def test_isosurface_of_the_blob_has_the_expected_radius(activation, threshold, r
     assert ((fn * (a + b + c)).sum(-1) > 0).float().mean() > 0.99
 
 
-def test_isosurface_auto_threshold_and_errors():
-    geo = make_geometry()
+@pytest.mark.parametrize("blob_scale,capped", [(5.0, False), (8.0, True)])
+def test_isosurface_auto_threshold_and_errors(blob_scale, capped):
+    """auto = min(mean density over the grid, 10) (Make-It-3D's export rule): the surface sits where
+    the blob equals that level, r = mu sqrt(2 ln(scale / ln level))."""
+    geo = make_geometry(density_blob_scale=blob_scale)
     zero_mlp_density(geo)
-    grid = geo.density_grid(32)
-    level = float(grid[grid > 1e-5].mean())
+    mean = float(geo.density_grid(32).mean())
+    assert (mean > 10.0) == capped  # both branches of the min are exercised
+    level = min(mean, 10.0)
     v, _ = geo.isosurface(resolution=32, threshold="auto")
-    # the auto level is the mean density: the surface sits where the blob equals it
-    expected_r = 0.2 * math.sqrt(2 * math.log(5.0 / math.log(level)))
+    expected_r = 0.2 * math.sqrt(2 * math.log(blob_scale / math.log(level)))
     assert abs(float(v.norm(dim=-1).mean()) - expected_r) < 1e-2
     with pytest.raises(It3dError, match="outside the density range"):
         geo.isosurface(resolution=16, threshold=1e9)

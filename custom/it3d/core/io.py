@@ -206,16 +206,20 @@ def save_ply(path: str, points, colors=None, normals=None) -> str:
 
 
 def save_mesh(path_stem: str, vertices, faces, uv=None, uv_faces=None, texture=None, vertex_colors=None,
-              normals=None, glb: bool = True) -> Dict[str, str]:
+              normals=None, glb: bool = True, metallic: float = 0.0, roughness: float = 1.0) -> Dict[str, str]:
     """Write ``<stem>.obj`` (+ ``.mtl`` and ``_texture.png`` when textured) and ``<stem>.glb``.
 
-    ``uv``: V' x 2 in [0, 1] (v up), ``uv_faces``: F x 3 indices into ``uv``; ``texture``: H W 3.
-    Returns the written paths.
+    ``uv``: U x 2 in [0, 1] (v up, the OBJ convention), ``uv_faces``: F x 3 indices into ``uv``;
+    ``texture``: H W 3 (row 0 = v 1); ``normals``: V x 3 per vertex (written as OBJ ``vn`` and GLB
+    NORMAL). The GLB embeds the texture as a PBR material (baseColorTexture, ``metallic``,
+    ``roughness``); the MTL carries the same as ``map_Kd`` + ``Pm`` / ``Pr``. Coordinates are written
+    as given (the exporters pass them in the asset frame). Returns the written paths.
     """
     import trimesh
 
     v = to_numpy(vertices).astype(np.float64).reshape(-1, 3)
     f = to_numpy(faces).astype(np.int64).reshape(-1, 3)
+    vn = None if normals is None else to_numpy(normals).astype(np.float64).reshape(-1, 3)
     stem = os.fspath(path_stem)
     if stem.endswith(".obj"):
         stem = stem[:-4]
@@ -227,7 +231,7 @@ def save_mesh(path_stem: str, vertices, faces, uv=None, uv_faces=None, texture=N
         tex_name = f"{name}_texture.png"
         out["texture"] = save_image(os.path.join(os.path.dirname(stem), tex_name), texture)
         mtl = (f"newmtl material0\nKa 1.000 1.000 1.000\nKd 1.000 1.000 1.000\nKs 0.000 0.000 0.000\n"
-               f"d 1.0\nillum 1\nmap_Kd {tex_name}\n")
+               f"d 1.0\nillum 1\nPm {metallic:.3f}\nPr {roughness:.3f}\nmap_Kd {tex_name}\n")
         out["mtl"] = write_text(stem + ".mtl", mtl)
         lines.append(f"mtllib {name}.mtl")
     vc = None if vertex_colors is None else to_numpy(vertex_colors).reshape(-1, 3)
@@ -236,30 +240,40 @@ def save_mesh(path_stem: str, vertices, faces, uv=None, uv_faces=None, texture=N
             lines.append(f"v {p[0]:.6f} {p[1]:.6f} {p[2]:.6f} {vc[i, 0]:.4f} {vc[i, 1]:.4f} {vc[i, 2]:.4f}")
         else:
             lines.append(f"v {p[0]:.6f} {p[1]:.6f} {p[2]:.6f}")
+    if vn is not None:
+        lines += [f"vn {n[0]:.5f} {n[1]:.5f} {n[2]:.5f}" for n in vn]
+    uf = to_numpy(uv_faces if uv_faces is not None else faces).astype(np.int64).reshape(-1, 3) if textured else None
     if textured:
-        uvn = to_numpy(uv).reshape(-1, 2)
-        uf = to_numpy(uv_faces if uv_faces is not None else faces).astype(np.int64).reshape(-1, 3)
-        lines += [f"vt {t[0]:.6f} {t[1]:.6f}" for t in uvn]
+        lines += [f"vt {t[0]:.6f} {t[1]:.6f}" for t in to_numpy(uv).reshape(-1, 2)]
         lines.append("usemtl material0")
-        lines += [f"f {a + 1}/{ta + 1} {b + 1}/{tb + 1} {c + 1}/{tc + 1}" for (a, b, c), (ta, tb, tc) in zip(f, uf)]
+        if vn is not None:
+            lines += [f"f {a + 1}/{ta + 1}/{a + 1} {b + 1}/{tb + 1}/{b + 1} {c + 1}/{tc + 1}/{c + 1}"
+                      for (a, b, c), (ta, tb, tc) in zip(f, uf)]
+        else:
+            lines += [f"f {a + 1}/{ta + 1} {b + 1}/{tb + 1} {c + 1}/{tc + 1}" for (a, b, c), (ta, tb, tc) in zip(f, uf)]
+    elif vn is not None:
+        lines += [f"f {a + 1}//{a + 1} {b + 1}//{b + 1} {c + 1}//{c + 1}" for a, b, c in f]
     else:
         lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in f]
     out["obj"] = write_text(stem + ".obj", "\n".join(lines) + "\n")
     if glb:
         if textured:
             # GLB needs per-vertex uv: split vertices by (vertex, uv) pairs
-            uf = to_numpy(uv_faces if uv_faces is not None else faces).astype(np.int64).reshape(-1, 3)
             pairs = np.stack([f.reshape(-1), uf.reshape(-1)], 1)
             uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
             gv, guv = v[uniq[:, 0]], to_numpy(uv).reshape(-1, 2)[uniq[:, 1]]
+            gn = None if vn is None else vn[uniq[:, 0]]
             gf = inv.reshape(-1, 3)
             from PIL import Image
 
-            visual = trimesh.visual.TextureVisuals(uv=guv, image=Image.fromarray(to_uint8(texture)))
-            mesh = trimesh.Trimesh(gv, gf, visual=visual, process=False)
+            material = trimesh.visual.material.PBRMaterial(
+                name="material0", baseColorTexture=Image.fromarray(to_uint8(texture)), baseColorFactor=[255, 255, 255, 255],
+                metallicFactor=float(metallic), roughnessFactor=float(roughness))
+            visual = trimesh.visual.TextureVisuals(uv=guv, material=material)
+            mesh = trimesh.Trimesh(gv, gf, vertex_normals=gn, visual=visual, process=False)
         else:
-            mesh = trimesh.Trimesh(v, f, vertex_colors=None if vc is None else to_uint8(vc), process=False)
+            mesh = trimesh.Trimesh(v, f, vertex_normals=vn, vertex_colors=None if vc is None else to_uint8(vc), process=False)
         with atomic_path(stem + ".glb") as tmp:
-            mesh.export(tmp, file_type="glb")
+            mesh.export(tmp, file_type="glb", include_normals=vn is not None)
         out["glb"] = stem + ".glb"
     return out

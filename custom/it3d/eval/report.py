@@ -149,6 +149,29 @@ def html_table(rows: Sequence[Dict], base: str, links: Optional[Dict[str, str]] 
     return f"<table id=\"metrics\"><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>"
 
 
+def fidelity_section(exports: Dict[str, List[str]], base: str) -> str:
+    """Export fidelity of every stage that wrote ``save/export/fidelity.json``: its preview and per-view figures."""
+    parts = []
+    for stage, files in (exports or {}).items():
+        fid = next((f for f in files if os.path.basename(f) == "fidelity.json"), None)
+        if fid is None or not os.path.isfile(fid):
+            continue
+        with open(fid) as f:
+            rec = json.load(f)
+        rows = "".join(f"<tr><td class=\"l\">{esc(v['view'])}</td><td>{fmt(v['psnr'])}</td><td>{fmt(v['mask_iou'])}</td></tr>"
+                       for v in rec.get("views", []))
+        ok = "meets" if rec.get("meets_targets") else "<span class=\"fail\">below</span>"
+        prev = os.path.join(os.path.dirname(fid), "preview.png")
+        img = (f"<img src=\"{esc(rel(prev, base))}\" alt=\"export preview\" style=\"max-width:100%\">"
+               if os.path.isfile(prev) else "")
+        parts.append(f"<h3>{esc(stage)}: {esc(rec.get('file', ''))} ({ok} the reference-view targets: PSNR >= "
+                     f"{fmt(rec['targets']['reference_psnr_db'])} dB, mask IoU >= {fmt(rec['targets']['reference_mask_iou'])})"
+                     f"</h3>\n<p>left: reference view (exported mesh above, trained stage below); right: novel views, "
+                     f"each exported | trained</p>{img}\n<table class=\"fidelity\"><thead><tr><th class=\"l\">view</th>"
+                     f"<th>PSNR (dB)</th><th>mask IoU</th></tr></thead><tbody>{rows}</tbody></table>")
+    return "<h2>Export fidelity</h2>\n" + "\n".join(parts) if parts else ""
+
+
 def write_run_report(run_dir: str, row: Dict, media: Dict) -> str:
     """``media``: input_thumb, render, normal, depth (image paths), video, exports {stage: [files]}."""
     figs = [figure(media.get("input_thumb"), "input", run_dir), figure(media.get("reference"), "reference (GT)", run_dir),
@@ -164,7 +187,8 @@ def write_run_report(run_dir: str, row: Dict, media: Dict) -> str:
                    for p in sorted(glob.glob(os.path.join(run_dir, "logs", "*.log"))))
     body = (f"<p>status: <b>{esc(row.get('status'))}</b></p>\n<div class=\"row\">{''.join(figs)}</div>\n"
             f"<h2>Turntable</h2>\n{video(media.get('video'), run_dir)}\n<h2>Metrics</h2>\n"
-            f"{html_table([row], run_dir, with_mean=False)}\n<h2>Exports</h2>\n<ul>{exports}</ul>\n<p>logs: {logs}</p>")
+            f"{html_table([row], run_dir, with_mean=False)}\n<h2>Exports</h2>\n<ul>{exports}</ul>\n"
+            f"{fidelity_section(media.get('exports'), run_dir)}\n<p>logs: {logs}</p>")
     return io.write_text(os.path.join(run_dir, "report.html"), page(f"it3d run: {row['name']}", body))
 
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
+import numpy as np
 import torch
 
 from ..core import io
 from ..core.base import BaseExporter
 from ..core.errors import It3dError
 from ..core.registry import register
-from .refined_mesh import bake_views, blend_colors, fill_unseen
+from .conventions import asset_frame
+from .projection import blend_colors, fill_unseen
+from .views import bake_views
 
 
 @register("refined-point-cloud", kind="exporter")
@@ -29,10 +32,13 @@ class RefinedPointCloudExporter(BaseExporter):
     @dataclass
     class Config:
         colors: str = "descriptor"  # descriptor | render
-        render_size: int = 512
+        render_size: int = 800  # the refine stage's training resolution
         elevations: List[float] = field(default_factory=lambda: [0.0, 30.0, -20.0])
         azimuths: List[float] = field(default_factory=lambda: [0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0])
         depth_tol: float = 0.01
+        scale: Any = "auto"  # auto: `height` metres tall | metres per scene unit
+        height: float = 1.0
+        origin: str = "base"  # base | center
 
     cfg: Config
 
@@ -59,4 +65,7 @@ class RefinedPointCloudExporter(BaseExporter):
     def export(self, system: Any, path: str) -> Dict[str, str]:
         """Write the refine system's point cloud with colours to ``path`` (.ply)."""
         geo = system.geometry
-        return {"ply": io.save_ply(path, geo.positions, self.point_colors(system))}
+        pts = geo.positions.detach().float().cpu().numpy()
+        az = float(system.reference()["azimuth"].reshape(-1)[0])
+        frame = asset_frame(pts, az, self.cfg.scale, self.cfg.height, self.cfg.origin)
+        return {"ply": io.save_ply(path, frame.to_asset(pts).astype(np.float32), self.point_colors(system))}

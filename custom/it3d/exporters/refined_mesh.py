@@ -1,119 +1,27 @@
-"""Refined textured mesh: the coarse stage's mesh (``coarse.geometry.isosurface()``) with a UV
-texture (xatlas) baked from renders of the refined point cloud (neither official repository can
-export the refined result).
+"""Refined textured mesh: the coarse stage's mesh (``coarse.geometry.isosurface()``, decimated to
+``target_faces`` when set) with a UV texture (xatlas) baked from renders of the refined point
+cloud (neither official repository can export the refined result).
 
-Baking: the mesh is unwrapped with xatlas and rasterized in texture space
-(:func:`it3d.renderers.mesh_rasterizer.rasterize_2d`), which gives every covered texel its 3D
-point and face normal. ``views`` cameras (the reference view first, then ``elevations`` x
-``azimuths`` relative to it, at the reference distance and field of view) are rendered through
-the deferred point renderer; a texel takes colour from a view when it projects inside it, faces
-it, and passes the depth test against the mesh rasterized from that view
-(``|z - z_mesh| <= depth_tol * z_mesh``). Colours are blended with weights ``cos^power`` of the
-angle between the face normal and the direction to the camera (two-sided: the winding of the
-isosurface does not matter, the depth test rejects the far side) (``blend: average``) or taken
-from the highest-weight view (``blend: best``); the reference view's weight is multiplied by
-``reference_weight``. Texels no view sees take the colour of the nearest seen texel in 3D; texels
-outside the UV charts copy the nearest chart texel (no dark seams when the texture is filtered).
-Written with ``core.io.save_mesh`` at ``save/export/mesh.{obj,mtl,glb}`` + ``mesh_texture.png``.
+The deferred point renderer renders the bake views at ``render_size`` (800: the refine stage's
+training resolution, so the texture keeps what the U-Net learned) and every chart texel takes the
+blended colour of the views that see it (:mod:`it3d.exporters.projection`). Texels no view sees
+are inpainted in UV space (pull-push, :func:`it3d.exporters.texture.pull_push_fill`); texels
+outside the UV charts copy the nearest chart texel (no seams when the texture is filtered). Files,
+asset frame and the fidelity check: :class:`it3d.exporters.asset.MeshAssetExporter`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..core import io
-from ..core.base import BaseExporter
 from ..core.errors import It3dError
 from ..core.registry import register
-from ..core.typing import Bool, Float, Tensor
-from ..data import cameras
-
-
-@dataclass
-class BakeView:
-    c2w: Tensor  # 4 4
-    fovy: float
-    height: int
-    width: int
-    is_reference: bool = False
-
-
-def bake_views(reference: Dict[str, Any], elevations: Sequence[float], azimuths: Sequence[float],
-               size: int) -> List[BakeView]:
-    """The reference camera (re-rendered at ``size``) and the orbit cameras around it."""
-    fovy = float(reference["fovy"].reshape(-1)[0])
-    dist = float(reference["camera_distances"].reshape(-1)[0])
-    az0 = float(reference["azimuth"].reshape(-1)[0])
-    views = [BakeView(reference["c2w"].reshape(4, 4).float(), fovy, size, size, True)]
-    for e in elevations:
-        for a in azimuths:
-            views.append(BakeView(cameras.spherical_c2w(float(e), az0 + float(a), dist), fovy, size, size))
-    return views
-
-
-def sample_image(img: Float[Tensor, "H W C"], xy: Float[Tensor, "N 2"]) -> Float[Tensor, "N C"]:
-    """Bilinear lookup at continuous pixel coordinates (x = col, y = row; centres at +0.5)."""
-    h, w = img.shape[:2]
-    grid = torch.stack([xy[:, 0] / w * 2 - 1, xy[:, 1] / h * 2 - 1], -1).to(img)
-    out = F.grid_sample(img.permute(2, 0, 1)[None], grid[None, None], mode="bilinear", padding_mode="border",
-                        align_corners=False)
-    return out[0, :, 0].T
-
-
-@torch.no_grad()
-def blend_colors(points: Float[Tensor, "N 3"], normals: Optional[Float[Tensor, "N 3"]], views: List[BakeView],
-                 images: List[Tensor], depths: List[Tensor], depth_tol: float, power: float, blend: str,
-                 reference_weight: float) -> Tuple[Float[Tensor, "N 3"], Bool[Tensor, "N"]]:
-    """Colour of each point from the views where it is visible (see the module docstring)."""
-    n = points.shape[0]
-    acc = torch.zeros(n, 3, device=points.device)
-    wsum = torch.zeros(n, device=points.device)
-    best = torch.full((n,), -1.0, device=points.device)
-    for view, img, dep in zip(views, images, depths):
-        c2w = view.c2w.to(points)
-        xy, z = cameras.project(points, c2w, view.fovy, view.height, view.width)
-        i, j = torch.floor(xy[:, 1]).long(), torch.floor(xy[:, 0]).long()
-        inside = (z > 0) & (i >= 0) & (i < view.height) & (j >= 0) & (j < view.width)
-        d = dep.to(points)[i.clamp(0, view.height - 1), j.clamp(0, view.width - 1)]
-        vis = inside & torch.isfinite(d) & ((z - d).abs() <= depth_tol * d.abs().clamp_min(1e-6))
-        if normals is not None:
-            to_cam = F.normalize(c2w[:3, 3] - points, dim=-1)
-            cos = (normals * to_cam).sum(-1).abs()  # two-sided: the depth test rejects back faces
-            w = cos.clamp_min(1e-4) ** power
-        else:
-            w = torch.ones(n, device=points.device)
-        w = w * (reference_weight if view.is_reference else 1.0) * vis
-        col = sample_image(img.to(points), xy)
-        if blend == "best":
-            take = w > best
-            acc[take] = col[take]
-            best = torch.where(take, w, best)
-            wsum = torch.maximum(wsum, w)
-        else:
-            acc += w[:, None] * col
-            wsum += w
-    seen = wsum > 0
-    colors = acc if blend == "best" else acc / wsum.clamp_min(1e-12)[:, None]
-    return colors.clamp(0, 1), seen
-
-
-def fill_unseen(points: Float[Tensor, "N 3"], colors: Float[Tensor, "N 3"], seen: Bool[Tensor, "N"]) -> Tensor:
-    """Unseen points copy the colour of the nearest seen point (3D)."""
-    if bool(seen.all()):
-        return colors
-    if not bool(seen.any()):
-        raise It3dError("texture baking: no view sees the mesh (check the export cameras and the coarse mesh)")
-    from scipy.spatial import cKDTree
-
-    tree = cKDTree(points[seen].cpu().numpy())
-    _, nn = tree.query(points[~seen].cpu().numpy())
-    out = colors.clone()
-    out[~seen] = colors[seen][torch.as_tensor(nn, device=colors.device)]
-    return out
+from ..core.typing import Tensor
+from .asset import MeshAssetExporter
+from .texture import fill_gutter, pull_push_fill, uv_texels
 
 
 def mesh_arrays(mesh: Any) -> Tuple[Tensor, Tensor]:
@@ -134,77 +42,34 @@ def mesh_arrays(mesh: Any) -> Tuple[Tensor, Tensor]:
     return v, f
 
 
-def dilate_texture(tex: np.ndarray, covered: np.ndarray) -> np.ndarray:
-    """Texels outside the charts copy the nearest covered texel."""
-    from scipy import ndimage
-
-    _, (ii, jj) = ndimage.distance_transform_edt(~covered, return_indices=True)
-    return tex[ii, jj]
-
-
 @register("refined-mesh", kind="exporter")
-class RefinedMeshExporter(BaseExporter):
+class RefinedMeshExporter(MeshAssetExporter):
     @dataclass
-    class Config:
-        isosurface_resolution: Optional[int] = None  # None: the coarse geometry's own default
-        isosurface_threshold: Any = None
-        texture_size: int = 1024
-        render_size: int = 512
-        elevations: List[float] = field(default_factory=lambda: [0.0, 30.0, -20.0])
-        azimuths: List[float] = field(default_factory=lambda: [0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0])
-        blend: str = "average"  # average | best
-        power: float = 4.0  # cos^power view weights
-        reference_weight: float = 4.0
-        depth_tol: float = 0.02  # relative depth tolerance of the visibility test
-        glb: bool = True
+    class Config(MeshAssetExporter.Config):
+        render_size: int = 800  # the refine stage's training resolution
 
     cfg: Config
 
-    def configure(self, **kwargs) -> None:
-        if self.cfg.blend not in ("average", "best"):
-            raise It3dError(f"refined-mesh: blend must be 'average' or 'best', got '{self.cfg.blend}'")
+    def reference(self, system: Any) -> Dict[str, Any]:
+        return system.reference()
 
-    @torch.no_grad()
-    def bake(self, system: Any, vertices: Tensor, faces: Tensor) -> Dict[str, Any]:
-        """Unwrap the mesh and bake its texture from deferred renders of ``system`` (a refine system)."""
-        from ..renderers.mesh_rasterizer import interpolate, rasterize_2d, rasterize_mesh
-        from .mesh import uv_unwrap
-
-        c = self.cfg
-        uv, uv_faces, vmap = uv_unwrap(vertices, faces)
-        t = c.texture_size
-        r = rasterize_2d(torch.stack([uv[:, 0] * t, (1.0 - uv[:, 1]) * t], -1), uv_faces, t, t)  # row 0 = v 1
-        covered = r["mask"]
-        pos = interpolate(vertices[vmap], uv_faces, r["face_id"], r["bary"])[covered]
-        fn = F.normalize(torch.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]],
-                                     vertices[faces[:, 2]] - vertices[faces[:, 0]], dim=-1), dim=-1)
-        nrm = fn[r["face_id"][covered]]
-        views = bake_views(system.reference(), c.elevations, c.azimuths, c.render_size)
-        white = torch.ones(3, device=system.device)
-        images, depths = [], []
-        for view in views:
-            out = system.render_view(view.c2w, view.fovy, view.height, view.width, bg_color=white)
-            images.append(out["comp_rgb"][0].float().cpu())
-            depths.append(rasterize_mesh(vertices, faces, view.c2w, view.fovy, view.height, view.width)["depth"])
-        cols, seen = blend_colors(pos, nrm, views, images, depths, c.depth_tol, c.power, c.blend, c.reference_weight)
-        cols = fill_unseen(pos, cols, seen)
-        tex = np.ones((t, t, 3), np.float32)
-        tex[covered.numpy()] = cols.numpy()
-        tex = dilate_texture(tex, covered.numpy())
-        return {"uv": uv, "uv_faces": uv_faces, "texture": tex, "seen_fraction": float(seen.float().mean())}
-
-    def export(self, system: Any, stem: str) -> Dict[str, str]:
-        """Write ``stem``.obj/.mtl/.glb + ``stem``_texture.png for a refine system."""
+    def surface(self, system: Any):
         coarse = system.coarse
         if coarse is None:
             raise It3dError("refined-mesh: no coarse stage configured (system.coarse_stage_dir): the refined mesh "
                             "is the coarse mesh re-textured; set system.mesh_exporter_type=none to skip it")
-        kw = {}
-        if self.cfg.isosurface_resolution is not None:
-            kw["resolution"] = self.cfg.isosurface_resolution
-        if self.cfg.isosurface_threshold is not None:
-            kw["threshold"] = self.cfg.isosurface_threshold
-        vertices, faces = mesh_arrays(coarse.geometry.isosurface(**kw))
-        baked = self.bake(system, vertices, faces)
-        return io.save_mesh(stem, vertices, faces, uv=baked["uv"], uv_faces=baked["uv_faces"],
-                            texture=baked["texture"], glb=self.cfg.glb)
+        return mesh_arrays(coarse.geometry.isosurface(**self.isosurface_kwargs()))
+
+    @torch.no_grad()
+    def bake(self, system, vertices, faces, uv, uv_faces, vmap, reference):
+        t = self.cfg.texture_size
+        r = uv_texels(vertices, uv, uv_faces, vmap, t)
+        covered = r["mask"]
+        cols, seen = self.bake_from_renders(system, vertices, faces, r, reference)
+        tex = torch.ones(t, t, 3)
+        known = torch.zeros(t, t, dtype=torch.bool)
+        tex[covered] = cols.cpu()
+        known[covered] = seen.cpu()
+        tex = fill_gutter(pull_push_fill(tex, known).numpy(), covered.numpy())
+        return tex, {"chart_fraction": round(float(covered.float().mean()), 4),
+                     "seen_fraction": round(float(seen.float().mean()), 4), "bake_render_size": self.cfg.render_size}

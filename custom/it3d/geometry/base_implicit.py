@@ -13,6 +13,9 @@ from ..core.errors import It3dError
 from ..core.typing import Float, Int, Tensor
 
 
+AUTO_THRESHOLD_CAP = 10.0  # Make-It-3D main.py: --density_thresh default 10
+
+
 class BaseImplicitGeometry(BaseGeometry):
     """Subclasses define ``radius`` (scene bound: the box [-radius, radius]^3), ``forward_raw(points,
     twice_differentiable) -> (raw density N 1 before activation, raw features N C)``,
@@ -90,9 +93,11 @@ class BaseImplicitGeometry(BaseGeometry):
         """Marching cubes of the activated density at ``threshold`` -> (vertices V 3 float32 world
         coordinates, faces F 3 int64, counter-clockwise seen from outside).
 
-        ``threshold="auto"``: the mean density over grid points whose density exceeds 1e-5
-        (threestudio's rule). The grid is padded with a layer below the threshold so the mesh is
-        closed inside the scene bound."""
+        ``threshold="auto"``: Make-It-3D's rule, ``min(mean density over the grid, 10)`` (official
+        ``nerf/renderer.py`` ``export_mesh``: ``min(self.mean_density, self.density_thresh)`` with
+        ``--density_thresh`` 10 in ``main.py``; their mean is over the 128^3 occupancy grid, ours over the
+        extraction grid). The grid is padded with a layer below the threshold so the mesh is closed
+        inside the scene bound."""
         from skimage import measure
 
         grid = self.density_grid(resolution).float()
@@ -100,10 +105,9 @@ class BaseImplicitGeometry(BaseGeometry):
         if not torch.isfinite(grid).all():
             raise It3dError("isosurface: the density field has non-finite values (diverged training?)")
         if threshold == "auto":
-            live = grid[grid > eps]
-            if live.numel() == 0:
+            if not bool((grid > eps).any()):
                 raise It3dError("isosurface: the density field is empty (all densities <= 1e-5); nothing to extract")
-            level = float(live.mean())
+            level = min(float(grid.clamp_min(0).mean()), AUTO_THRESHOLD_CAP)
         else:
             level = float(threshold)
         lo, hi = float(grid.min()), float(grid.max())

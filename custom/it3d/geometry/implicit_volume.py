@@ -78,7 +78,7 @@ class ImplicitVolume(BaseImplicitGeometry):
         normal_type: str = "analytic"  # analytic | finite_difference
         finite_difference_eps: float = 5.0e-3  # world units
         isosurface_resolution: int = 128
-        isosurface_threshold: Any = "auto"  # "auto" (mean live density) or a density value
+        isosurface_threshold: Any = "auto"  # "auto": min(mean density, 10) (Make-It-3D) | a density value
         isosurface_chunk_size: int = 262144
 
     cfg: Config

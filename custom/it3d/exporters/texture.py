@@ -1,0 +1,76 @@
+"""UV atlas and texture-space helpers shared by the mesh exporters.
+
+* :func:`uv_unwrap` — xatlas charts (run it on the decimated mesh: its time grows fast with the
+  face count);
+* :func:`uv_texels` — rasterize the atlas in texture space: every covered texel gets its face and
+  its 3-D point (row 0 of the texture is v = 1, as OBJ / trimesh / :func:`sample_texture` read it);
+* :func:`pull_push_fill` — UV-space inpainting of texels with no colour (pull-push, Gortler et al.
+  1996, "The Lumigraph" sec 3.4): a pyramid of weight-averaged halvings of the known texels, then
+  each level's unknown texels take the bilinearly upsampled coarser level. Unknown texels get a
+  smooth blend of the nearest known texels in the atlas, without the Voronoi patches of a
+  nearest-point copy;
+* :func:`fill_gutter` — texels outside every chart copy the nearest chart texel, so bilinear and
+  mip-mapped lookups at chart borders never blend in the background (no seams).
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.typing import Float, Int, Tensor
+from ..renderers.mesh_rasterizer import interpolate, rasterize_2d
+
+
+def uv_unwrap(vertices: Float[Tensor, "V 3"], faces: Int[Tensor, "F 3"]):
+    """xatlas parametrisation -> (uv U 2 in [0, 1], uv_faces F 3, vmapping U: uv vertex -> mesh vertex)."""
+    import xatlas
+
+    vmap, idx, uv = xatlas.parametrize(vertices.cpu().numpy().astype(np.float32), faces.cpu().numpy().astype(np.uint32))
+    return (torch.from_numpy(uv.astype(np.float32)), torch.from_numpy(idx.astype(np.int64)),
+            torch.from_numpy(vmap.astype(np.int64)))
+
+
+def uv_texels(vertices: Float[Tensor, "V 3"], uv: Float[Tensor, "U 2"], uv_faces: Int[Tensor, "F 3"],
+              vmapping: Int[Tensor, "U"], size: int) -> Dict[str, Tensor]:
+    """-> ``mask`` (S S bool: texel centre inside a chart), ``points`` (S S 3 world points, 0 outside)
+    and ``face_id`` (S S, -1 outside; indexes ``uv_faces``, i.e. the mesh's faces)."""
+    xy = torch.stack([uv[:, 0] * size, (1.0 - uv[:, 1]) * size], -1)
+    r = rasterize_2d(xy, uv_faces, size, size)
+    pos = interpolate(vertices[vmapping].float(), uv_faces, r["face_id"], r["bary"])
+    return {"mask": r["mask"], "points": pos, "face_id": r["face_id"]}
+
+
+def pull_push_fill(img: Float[Tensor, "H W C"], known: Tensor) -> Float[Tensor, "H W C"]:
+    """Known texels unchanged; every other texel filled by pull-push (see the module docstring)."""
+    if bool(known.all()) or not bool(known.any()):
+        return img.clone()
+    x = (img.float() * known[..., None]).permute(2, 0, 1)[None]
+    w = known.float()[None, None]
+    levels = [(x, w)]
+    while min(levels[-1][0].shape[-2:]) > 1:
+        cx, cw = levels[-1]
+        ph, pw = cx.shape[-2] % 2, cx.shape[-1] % 2  # odd sizes: pad with zero weight
+        cx, cw = F.pad(cx, (0, pw, 0, ph)), F.pad(cw, (0, pw, 0, ph))
+        levels.append((F.avg_pool2d(cx, 2) * 4, F.avg_pool2d(cw, 2) * 4))  # sums of colour*weight and weight
+    fx, fw = levels[-1]
+    filled = fx / fw.clamp_min(1e-12)
+    for cx, cw in reversed(levels[:-1]):
+        up = F.interpolate(filled, scale_factor=2, mode="bilinear", align_corners=False)[..., :cx.shape[-2], :cx.shape[-1]]
+        mean = cx / cw.clamp_min(1e-12)
+        a = cw.clamp(0, 1)  # a texel with total weight >= 1 keeps its own average
+        filled = a * mean + (1 - a) * up
+    out = filled[0].permute(1, 2, 0)
+    return torch.where(known[..., None], img.float(), out)
+
+
+def fill_gutter(tex: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """Texels outside the charts copy the nearest covered texel."""
+    from scipy import ndimage
+
+    if covered.all() or not covered.any():
+        return tex
+    _, (ii, jj) = ndimage.distance_transform_edt(~covered, return_indices=True)
+    return tex[ii, jj]
