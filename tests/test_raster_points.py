@@ -83,11 +83,62 @@ def brute_force(xy, z, h, w, radius, k):
 def test_matches_brute_force_reference():
     g = torch.Generator().manual_seed(0)
     n, h, w = 300, 13, 11
-    xy = torch.rand(1, n, 2, generator=g) * torch.tensor([w + 4.0, h + 4.0]) - 2.0
-    z = torch.rand(1, n, generator=g) * 2 - 0.2  # some behind the camera
+    xy = torch.rand(2, n, 2, generator=g) * torch.tensor([w + 4.0, h + 4.0]) - 2.0
+    z = torch.rand(2, n, generator=g) * 2 - 0.2  # some behind the camera
     for radius, k in ((1.3, 3), (2.2, 6)):
-        frags = rasterize_torch(xy, z, h, w, radius, k, chunk=37)  # small chunks: exercises chunking
-        assert torch.equal(frags.idx[0], brute_force(xy[0], z[0], h, w, radius, k))
+        frags = rasterize_torch(xy, z, h, w, radius, k)
+        for b in range(2):  # each view of the batch on its own
+            idx = brute_force(xy[b], z[b], h, w, radius, k)
+            assert torch.equal(frags.idx[b], idx)
+            rows, cols = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+            p = idx.clamp_min(0)
+            d2 = (cols[..., None] - xy[b, p, 0]) ** 2 + (rows[..., None] - xy[b, p, 1]) ** 2
+            valid = idx >= 0
+            torch.testing.assert_close(frags.dist2[b][valid], d2[valid], atol=1e-5, rtol=0)
+            torch.testing.assert_close(frags.depth[b][valid], z[b, p][valid], atol=1e-6, rtol=0)
+            assert (frags.dist2[b][~valid] == 0).all() and torch.isinf(frags.depth[b][~valid]).all()
+
+
+def slow_composite(frags, feats, radius, bg):
+    """Per pixel, front to back, with Python loops."""
+    b, h, w, k = frags.idx.shape
+    out = torch.zeros(b, h, w, feats.shape[1], dtype=feats.dtype)
+    alpha_out = torch.zeros(b, h, w, 1, dtype=feats.dtype)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                trans = torch.ones((), dtype=feats.dtype)
+                acc = torch.zeros(feats.shape[1], dtype=feats.dtype)
+                for j in range(k):
+                    p = int(frags.idx[i, y, x, j])
+                    if p < 0:
+                        continue
+                    a = (1 - frags.dist2[i, y, x, j] / radius ** 2).clamp(0, 1).to(feats.dtype)
+                    acc = acc + trans * a * feats[p]
+                    trans = trans * (1 - a)
+                out[i, y, x] = acc + trans * bg
+                alpha_out[i, y, x, 0] = 1 - trans
+    return out, alpha_out
+
+
+def test_composite_matches_a_per_pixel_loop_values_and_gradients():
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(2, 60, 2, generator=g) * 9.0
+    z = torch.rand(2, 60, generator=g) + 0.5
+    frags = rasterize_torch(xy, z, 9, 9, 1.6, 5)
+    assert (frags.idx[..., -1] >= 0).any() and (frags.idx[..., 0] < 0).any()  # full and empty pixels
+    feats = torch.randn(60, 4, dtype=torch.double, generator=g, requires_grad=True)
+    bg = torch.randn(4, dtype=torch.double, generator=g, requires_grad=True)
+    out, alpha, occ = composite(frags, feats, 1.6, bg)
+    ref, ref_alpha = slow_composite(frags, feats, 1.6, bg)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(alpha, ref_alpha)
+    assert torch.equal(occ[..., 0] > 0, frags.idx[..., 0] >= 0)
+    wgt = torch.randn_like(out)
+    ga = torch.autograd.grad((out * wgt).sum(), (feats, bg))
+    gb = torch.autograd.grad((ref * wgt).sum(), (feats, bg))
+    for a, b_ in zip(ga, gb):
+        torch.testing.assert_close(a, b_)
 
 
 def test_weighted_gather_gradcheck():
