@@ -273,7 +273,74 @@ def test_training_steps_match_the_uncompacted_reference():
         _compare(out, ref, 8, 8, 1e-5)
         for p, gr in zip(geo.parameters(), ref_grads):
             torch.testing.assert_close(p.grad, gr, atol=1e-6, rtol=1e-4)
-        evaluated.append(ref["n_live"])
+        evaluated.append((ref["n_live"], ren.last_stats["n_slots"]))
+        assert int(ren.last_stats["n_evaluated"]) == ref["n_live"] and int(ren.last_stats["n_dropped"]) == 0
         opt.step()
         opt.zero_grad()
-    assert min(evaluated[1:]) < 0.9 * 64 * 96  # the grid skips samples in the later steps
+    # from the second grid update on (step 2), the final pass's buffer holds 1.5 x the peak occupied
+    # fraction of the renders since the previous update, rounded up to 1/32, instead of all 4096 samples
+    def slots(a, b):
+        return math.ceil(32 * 1.5 * max(evaluated[a][0], evaluated[b][0]) / 4096) * 4096 // 32
+
+    assert [n for _, n in evaluated] == [4096, 4096, slots(0, 1), slots(0, 1), slots(2, 3), slots(2, 3)]
+    assert slots(0, 1) <= 1024 and ren.capacity["coarse"] < 0.5
+
+
+def _train_render_loss(ren, ro, rd, c2w, shading="lambertian"):
+    out = ren(ro, rd, c2w=c2w, light_positions=torch.ones(1, 3), shading=shading)
+    loss = (out["comp_rgb"] - 0.5).abs().mean() + out["opacity"].mean() + out["depth"].mean()
+    loss.backward()
+    return out
+
+
+@pytest.mark.parametrize("shading", ["albedo", "lambertian"])
+def test_training_render_and_backward_make_no_host_sync(shading):
+    from it3d.core.profiling import count_syncs
+
+    ren, geo = build(grid={"resolution": 16, "update_every": 2})
+    c2w, ro, rd = camera(8, 8)
+    ren.train()
+    counts = []
+    for step in range(4):
+        with count_syncs() as s:
+            ren.do_update_step(0, step)
+        counts.append(s.count)
+        with count_syncs() as s:
+            _train_render_loss(ren, ro, rd, c2w, shading)
+        assert s.count == 0 and s.uploads == 0, s.report()
+    # grid updates: none at step 0 (no render measured yet), one read of the peaks at step 2
+    assert counts == [0, 0, 1, 0]
+    assert ren.capacity["fine"] < 0.5 and ren.last_stats["n_slots"] < ren.last_stats["n_samples"]
+    # eval sizes its buffers exactly: one read per pass and chunk (2 passes x 2 chunks)
+    ren.eval()
+    ren.cfg.eval_chunk_size = 32
+    with torch.no_grad(), count_syncs() as s:
+        ren(ro, rd, c2w=c2w, shading="albedo")
+    assert s.count == 4 and set(s.by_site()) == {k for k in s.by_site() if "volume.py" in k}
+
+
+def test_overflowing_sample_buffer_is_reported_and_grows(caplog):
+    ren, geo = build(grid={"resolution": 16, "update_every": 2})
+    c2w, ro, rd = camera(8, 8)
+    ren.train()
+    ren.do_update_step(0, 0)
+    ren.capacity = {"coarse": 1 / 32, "fine": 1 / 32}  # 128 slots for ~450 occupied samples
+    out = _train_render_loss(ren, ro, rd, c2w, "albedo")
+    dropped = int(ren.last_stats["n_dropped"])
+    torch.manual_seed(0)
+    ren.eval()
+    with torch.no_grad():
+        full = ren(ro, rd, c2w=c2w, shading="albedo")
+    live = int(ren.last_stats["n_evaluated"])
+    # the overflow is the occupied samples past slot 128 of the final pass (plus those of the coarse pass)
+    assert dropped >= live - 128 > 0
+    # the first rays keep their samples, the last ones render as empty space
+    torch.testing.assert_close(out["opacity"][0, 0], full["opacity"][0, 0], atol=1e-5, rtol=0)
+    assert float(full["opacity"][0, 4, 4, 0]) > 0.9 and float(out["opacity"][0, 4, 4, 0].detach()) < 1e-4
+    ren.train()
+    with caplog.at_level("WARNING", logger="it3d"):
+        ren.do_update_step(0, 2)
+    assert "did not fit the training sample buffers" in caplog.text and str(dropped) in caplog.text
+    assert ren.capacity["fine"] >= 1.5 * live / 4096
+    out = _train_render_loss(ren, ro, rd, c2w, "albedo")
+    assert int(ren.last_stats["n_dropped"]) == 0

@@ -18,11 +18,25 @@ magnitude <= opacity, not renormalised) when normals are computed, ``weights``, 
 Normals are computed when ``output_normal`` says so, else per ``compute_normals``: ``auto`` =
 when the shading needs them or in eval mode, ``always``, ``never``.
 
+Sample buffers (no host sync in training). The occupied samples are gathered into a buffer of
+fixed size with ``nonzero_static`` instead of ``nonzero``, so a training step never reads a count
+back from the device and keeps static shapes (CUDA graphs / ``torch.compile`` can capture it).
+The buffer holds a fraction of the R x S samples of a pass (coarse density pass, final pass):
+all of them until the occupancy grid has been updated and a render has been measured; then, at
+each grid update, ``sample_capacity_margin`` x the largest occupied fraction any training render
+had since the previous update, rounded up to 1/32 (one host read every ``grid.update_every``
+steps, outside the render). Unused slots evaluate a dummy point whose result is discarded. A
+render with more occupied samples than its buffer renders the excess (the last rays' samples)
+as empty space; the excess is counted on the device and reported by a warning at the next grid
+update, which also enlarges the buffer. ``sample_capacity_margin: 0`` sizes the buffer exactly
+each pass (one host sync per pass, never drops). Eval renders always size it exactly.
+
 nerfacc is not used: its CUDA estimator would replace :meth:`VolumeRenderer._sample` and the
 gather step behind the same interface; the pure-PyTorch path is what runs everywhere.
 """
 from __future__ import annotations
 
+import logging
 import math
 import types
 from dataclasses import dataclass, field
@@ -91,9 +105,13 @@ def sample_pdf(bins: Float[Tensor, "R N1"], weights: Float[Tensor, "R N"], n_sam
     return (b0 + (u - c0) / denom * (b1 - b0)).detach()
 
 
-def _scatter(mask_idx: Tensor, values: Tensor, total: int) -> Tensor:
-    """Rows ``values`` placed at flat positions ``mask_idx`` of a zero (total, C) tensor (differentiable)."""
-    return values.new_zeros(total, values.shape[-1]).index_copy(0, mask_idx, values)
+def _scatter(slot_idx: Tensor, values: Tensor, total: int) -> Tensor:
+    """Rows ``values`` placed at flat positions ``slot_idx`` of a zero (total, C) tensor (differentiable);
+    slots holding ``total`` (unused buffer slots) land in a discarded extra row."""
+    return values.new_zeros(total + 1, values.shape[-1]).index_copy(0, slot_idx, values)[:total]
+
+
+CAPACITY_STEP = 32  # buffer fractions are multiples of 1/32: few distinct shapes
 
 
 # ----------------------------------------------------------------------------- renderer
@@ -108,6 +126,7 @@ class VolumeRenderer(BaseRenderer):
         eval_chunk_size: int = 4096  # rays per chunk in eval mode
         compute_normals: str = "auto"  # auto | always | never
         grid: dict = field(default_factory=dict)  # OccupancyGridConfig
+        sample_capacity_margin: float = 1.5  # training sample buffer / peak occupied fraction (0 = exact, syncs)
         backend: str = "torch"  # the only one implemented (see the module docstring)
 
     cfg: "VolumeRenderer.Config"
@@ -128,12 +147,19 @@ class VolumeRenderer(BaseRenderer):
             raise ConfigError(f"renderer.backend: only 'torch' is implemented, got '{c.backend}'")
         if c.num_samples_per_ray < 1 or c.num_importance_samples < 0:
             raise ConfigError("renderer: need num_samples_per_ray >= 1 and num_importance_samples >= 0")
+        if c.sample_capacity_margin != 0 and c.sample_capacity_margin < 1:
+            raise ConfigError(f"renderer.sample_capacity_margin: expected 0 (exact) or >= 1, got {c.sample_capacity_margin}")
         # held outside the module tree: the system owns (and saves) them once
         self._sub = types.SimpleNamespace(geometry=geometry, material=material, background=background)
         self.radius = float(geometry.radius)
         step = 2.0 * math.sqrt(3.0) * self.radius / c.num_samples_per_ray
         self.grid = OccupancyGrid(c.grid, radius=self.radius, step_size=step, path="renderer.grid")
         self.last_stats: dict = {}
+        # training sample buffers, per pass: fraction of R x S slots (host), and since the last grid
+        # update the peak occupied fraction and the samples that did not fit (device, never read per step)
+        self.capacity = {"coarse": 1.0, "fine": 1.0}
+        self._peak: dict = {}
+        self._dropped: Optional[Tensor] = None
 
     @property
     def geometry(self):
@@ -153,6 +179,28 @@ class VolumeRenderer(BaseRenderer):
             return
         if global_step % g.cfg.update_every == 0 and global_step != g.last_update_step:
             g.update(self.geometry.forward_density, global_step)
+            self.resize_sample_buffers()
+
+    def resize_sample_buffers(self) -> None:
+        """Size the training sample buffers from the peaks measured since the last call (one host read)
+        and report samples that did not fit. Called at each grid update."""
+        if not self._peak or self.cfg.sample_capacity_margin == 0:
+            return
+        keys = sorted(self._peak)
+        vals = torch.stack([self._peak[k].float() for k in keys] + [self._dropped.float()]).tolist()
+        old = dict(self.capacity)
+        for k, peak in zip(keys, vals):
+            steps = math.ceil(CAPACITY_STEP * self.cfg.sample_capacity_margin * peak - 1e-9)
+            self.capacity[k] = min(1.0, max(1, steps) / CAPACITY_STEP)
+        if vals[-1] > 0:
+            logging.getLogger("it3d").warning(
+                f"renderer: {int(vals[-1])} occupied samples did not fit the training sample buffers "
+                f"({', '.join(f'{k} {old[k]:.0%}' for k in keys)} of the samples) since the last grid update and "
+                f"were rendered as empty space; buffers now {', '.join(f'{k} {self.capacity[k]:.0%}' for k in keys)}. "
+                f"If this repeats, raise system.renderer.sample_capacity_margin "
+                f"(now {self.cfg.sample_capacity_margin}) or set it to 0 (exact, with host syncs)")
+        self._peak = {}
+        self._dropped = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, rays_o: Float[Tensor, "B H W 3"], rays_d: Float[Tensor, "B H W 3"],
@@ -172,7 +220,8 @@ class VolumeRenderer(BaseRenderer):
             lp = light_positions.float().reshape(-1, 1, 1, 3).expand(b, h, w, 3).reshape(-1, 3)
         n_rays = ro.shape[0]
         chunk = self.cfg.eval_chunk_size
-        self.last_stats = {"n_rays": n_rays, "n_samples": 0, "n_evaluated": 0}
+        # n_evaluated (live samples) and n_dropped are device tensors in training: read them only when needed
+        self.last_stats = {"n_rays": n_rays, "n_samples": 0, "n_evaluated": 0, "n_slots": 0, "n_dropped": 0}
         if self.training or chunk <= 0 or n_rays <= chunk:
             out = self._render_rays(ro, rd, lp, shading, output_normal)
         else:
@@ -216,7 +265,7 @@ class VolumeRenderer(BaseRenderer):
         if c.num_importance_samples > 0:
             with torch.no_grad():
                 mask = self._mask(ro, rd, t, hit)
-                dens = self._eval(ro, rd, t, mask, density_only=True)
+                dens = self._eval(ro, rd, t, mask, "coarse", density_only=True)
                 weights = volume_weights(dens, ends - starts)[0]
             with record_function("it3d::sampling"):
                 t_new = sample_pdf(edges, weights, c.num_importance_samples, deterministic=not randomized)
@@ -229,23 +278,43 @@ class VolumeRenderer(BaseRenderer):
     def _mask(self, ro: Tensor, rd: Tensor, t: Tensor, hit: Tensor) -> Tensor:
         with record_function("it3d::sampling"):
             mask = hit[:, None].expand_as(t)
-            if self.grid.enabled and bool(self.grid.initialized):
+            if self.grid.enabled:
                 pts = (ro[:, None] + rd[:, None] * t[..., None]).reshape(-1, 3)
                 mask = mask & self.grid.query(pts).view_as(t)
             return mask
 
-    def _eval(self, ro, rd, t, mask, density_only=False, lp=None, shading="albedo", output_normal=False):
-        """Geometry (+ material) on the masked samples only; zeros elsewhere."""
+    def _compact(self, mask: Tensor, key: str) -> Tuple[Tensor, Tensor]:
+        """Flat indices of the masked samples in a buffer (unused slots hold ``mask.numel()``) and their
+        count. Training: the buffer's fixed size; eval or margin 0: the exact count (a host sync)."""
+        flat = mask.reshape(-1)
+        total = flat.numel()
+        count = flat.sum()
+        if not self.training or self.cfg.sample_capacity_margin == 0:
+            cap = int(count)
+        else:
+            cap = min(total, math.ceil(self.capacity[key] * total))
+            frac = count.float() / max(total, 1)
+            self._peak[key] = torch.maximum(self._peak[key], frac) if key in self._peak else frac
+            over = (count - cap).clamp_min(0)
+            self._dropped = over if self._dropped is None else self._dropped + over
+            self.last_stats["n_dropped"] = self.last_stats["n_dropped"] + over
+        idx = torch.nonzero_static(flat, size=cap, fill_value=total).squeeze(1)
+        return idx, count
+
+    def _eval(self, ro, rd, t, mask, key, density_only=False, lp=None, shading="albedo", output_normal=False):
+        """Geometry (+ material) on the masked samples only (gathered into a buffer); zeros elsewhere."""
         r, s = t.shape
-        idx = mask.reshape(-1).nonzero().squeeze(1)
-        pts = (ro[:, None] + rd[:, None] * t[..., None]).reshape(-1, 3).index_select(0, idx)
+        idx, count = self._compact(mask, key)
+        src = idx.clamp_max(r * s - 1)  # unused slots evaluate the last sample; their rows are discarded
+        pts = (ro[:, None] + rd[:, None] * t[..., None]).reshape(-1, 3).index_select(0, src)
         if density_only:
             dens = self.geometry.forward_density(pts)
             return _scatter(idx, dens, r * s).view(r, s)
         self.last_stats["n_samples"] += r * s
-        self.last_stats["n_evaluated"] += int(idx.numel())
+        self.last_stats["n_evaluated"] = self.last_stats["n_evaluated"] + count
+        self.last_stats["n_slots"] += int(idx.shape[0])
         geo = self.geometry(pts, output_normal=output_normal)
-        ray_of = torch.div(idx, s, rounding_mode="floor")
+        ray_of = torch.div(src, s, rounding_mode="floor")
         with record_function("it3d::material"):
             rgb = self.material(geo["features"], viewdirs=rd.index_select(0, ray_of), shading_normal=geo.get("normal"),
                                 light_positions=None if lp is None else lp.index_select(0, ray_of), shading=shading,
@@ -258,7 +327,7 @@ class VolumeRenderer(BaseRenderer):
 
     def _render_rays(self, ro: Tensor, rd: Tensor, lp: Optional[Tensor], shading: str, output_normal: bool) -> dict:
         t, starts, ends, hit, mask = self._sample(ro, rd)
-        ev = self._eval(ro, rd, t, mask, lp=lp, shading=shading, output_normal=output_normal)
+        ev = self._eval(ro, rd, t, mask, "fine", lp=lp, shading=shading, output_normal=output_normal)
         out = self._composite(ev, t, starts, ends)
         if "normal" in ev:  # per-sample normals and ray directions (orientation loss)
             out["sample_normal"] = ev["normal"]
