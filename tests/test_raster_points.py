@@ -210,3 +210,21 @@ def test_pytorch3d_parity():
     assert (a.idx == b.idx).float().mean() > 0.999
     both = (a.idx >= 0) & (b.idx >= 0)
     assert torch.allclose(a.dist2[both], b.dist2[both], atol=1e-3)
+
+
+def test_render_and_backward_make_no_host_sync():
+    """Splat, sort, slot scatter, compositing and their backward keep fixed shapes: no count is read
+    back from the device (nonzero, item) and no Python number is uploaded per call."""
+    from it3d.core.profiling import count_syncs
+
+    geo, r = make_renderer()
+    c2w = torch.cat([cam(), cam(90.0, 20.0)])
+    for fovy in (torch.tensor([FOVY, FOVY]), FOVY):
+        with count_syncs() as s:
+            out = r(c2w, fovy, 17, 17)
+            (out["comp_rgb"] * torch.linspace(0, 1, 3)).sum().backward()
+        assert s.count == 0 and s.uploads == 0, s.report()
+    # the counter does see a rasterizer that compacts with nonzero (the brute force: once per pixel)
+    with count_syncs() as s:
+        brute_force(torch.rand(5, 2) * 4, torch.rand(5) + 1, 2, 2, 1.0, 2)
+    assert s.count == 4 and all(k.startswith(__file__) and k.endswith(" nonzero") for k in s.by_site())

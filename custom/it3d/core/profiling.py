@@ -14,9 +14,9 @@ can count it. :func:`count_syncs` installs two modes for the duration of a ``wit
   result on the host (``equal``, ``allclose``, ``_linalg_check_errors`` behind ``linalg.inv`` /
   ``solve`` / ``cholesky``: use the ``*_ex`` variants), and copies to the CPU;
 * a ``TorchFunctionMode`` for the Python-level calls that never reach aten on a CPU tensor
-  (``tolist``, ``numpy``, ``.cpu()``, ``.to("cpu")``, ``repr``) and for uploads of Python data:
-  ``torch.tensor`` / ``as_tensor`` with an explicit non-CPU ``device`` (a blocking copy on CUDA),
-  counted apart as ``uploads``.
+  (``tolist``, ``numpy``, ``.cpu()``, ``repr``) and for uploads of Python data: ``torch.tensor`` /
+  ``as_tensor`` of Python or numpy data with an explicit ``device`` (a blocking copy on CUDA; on a
+  CPU run the device is the CPU, which is counted too), counted apart as ``uploads``.
 
     with count_syncs() as s:
         loss = step()
@@ -75,26 +75,16 @@ def _classify_aten(func, args, kwargs) -> bool:
 
 def _classify_function(func, args, kwargs) -> Optional[str]:
     """Python-level calls that move data to the host without an aten op on CPU tensors, and uploads."""
-    if func in _UPLOAD:
+    if func in _UPLOAD:  # host data put on the run's device (on CPU runs the device is the CPU: count it anyway)
         data = args[0] if args else kwargs.get("data")
-        dev = kwargs.get("device")
-        return "upload" if not torch.is_tensor(data) and dev is not None and not _is_cpu(dev) else None
-    name = getattr(func, "__name__", "")
-    if name in _HOST_METHODS:
-        return "sync"
-    if name == "to" and args and torch.is_tensor(args[0]):
-        dev = kwargs.get("device")
-        for a in args[1:]:
-            if isinstance(a, (str, torch.device)):
-                dev = a
-        return "sync" if dev is not None and _is_cpu(dev) else None
-    return None
+        return "upload" if not torch.is_tensor(data) and kwargs.get("device") is not None else None
+    return "sync" if getattr(func, "__name__", "") in _HOST_METHODS else None
 
 
 def _call_site() -> str:
-    frames = traceback.extract_stack()[:-3]
+    frames = [f for f in traceback.extract_stack() if not f.filename.endswith("profiling.py")]
     for f in reversed(frames):
-        if f.filename.startswith(_HERE) and not f.filename.endswith("profiling.py"):
+        if f.filename.startswith(_HERE):
             return f"{os.path.relpath(f.filename, os.path.dirname(_HERE))}:{f.lineno}"
     for f in reversed(frames):
         if "/torch/" not in f.filename:

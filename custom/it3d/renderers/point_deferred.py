@@ -82,7 +82,10 @@ class PointDeferredRenderer(BaseRenderer):
         geo = self.geometry
         if geo.num_points == 0:
             raise It3dError("point-deferred renderer: the point cloud is empty (build it or load a checkpoint)")
-        fovy = torch.as_tensor(fovy, dtype=torch.float32, device=c2w.device).reshape(-1).expand(c2w.shape[0])
+        if torch.is_tensor(fovy):
+            fovy = fovy.to(device=c2w.device, dtype=torch.float32).reshape(-1).expand(c2w.shape[0])
+        else:  # filled on the device: no upload of a Python number per call
+            fovy = torch.full((c2w.shape[0],), float(fovy), dtype=torch.float32, device=c2w.device)
         xy, z = project_points(geo.positions, c2w, fovy, height, width)
         feats, ups = [], []
         opacity = alpha = depth = None
