@@ -40,7 +40,8 @@ _ATEN_SYNC = {"_local_scalar_dense", "nonzero", "argwhere", "masked_select", "un
               "unique_consecutive", "bincount", "equal", "allclose", "_linalg_check_errors"}
 _HOST_METHODS = {"tolist", "numpy", "cpu", "__repr__", "__format__"}  # on a CPU tensor these never reach aten
 _UPLOAD = {torch.tensor, torch.as_tensor}
-_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the it3d package
+_THIS = os.path.abspath(__file__)
+_HERE = os.path.dirname(os.path.dirname(_THIS))  # the it3d package
 
 
 @dataclass
@@ -82,7 +83,7 @@ def _classify_function(func, args, kwargs) -> Optional[str]:
 
 
 def _call_site() -> str:
-    frames = [f for f in traceback.extract_stack() if not f.filename.endswith("profiling.py")]
+    frames = [f for f in traceback.extract_stack() if f.filename != _THIS]
     for f in reversed(frames):
         if f.filename.startswith(_HERE):
             return f"{os.path.relpath(f.filename, os.path.dirname(_HERE))}:{f.lineno}"
