@@ -141,9 +141,19 @@ def run(size: int, args, device: torch.device) -> dict:
         c2w = spherical_c2w(torch.tensor([elev]), torch.tensor([azim]), torch.tensor([1.0])).to(device)
         ro, rd = get_rays(c2w, size, size, 40.0)
         if counter is not None:  # count the render + loss + backward only
-            with counter:
-                out = ren(ro, rd, light_positions=lights, c2w=c2w, shading=args.shading)
-                (out["comp_rgb"] - target).abs().mean().backward()
+            import warnings
+
+            with counter, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if device.type == "cuda":  # the CUDA runtime's own count: one warning per synchronising call
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    out = ren(ro, rd, light_positions=lights, c2w=c2w, shading=args.shading)
+                    (out["comp_rgb"] - target).abs().mean().backward()
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.set_sync_debug_mode("default")
+            counter.cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
             opt.zero_grad(set_to_none=True)
             return
         out = ren(ro, rd, light_positions=lights, c2w=c2w)
@@ -188,6 +198,7 @@ def run(size: int, args, device: torch.device) -> dict:
     return {"size": size, "step_s": dt, "cpu_s": cpu, "steps_per_s": 1.0 / dt, "peak_mb": peak,
             "grid_update_s": grid_update_s, "stats": stats, "timers": dict(timers.total),
             "syncs": syncs.count, "uploads": syncs.uploads, "update_syncs": update_syncs.count,
+            "cuda_syncs": getattr(counter, "cuda_syncs", 0) if device.type == "cuda" else None,
             "sync_sites": syncs.by_site()}
 
 
@@ -235,7 +246,8 @@ def main() -> None:
               f"evaluated {s.get('n_evaluated', 0)} occupied samples in {s.get('n_slots', s.get('n_evaluated', 0))} "
               f"slots of {s.get('n_samples', 0)} ({s.get('n_rays', 0)} rays, {s.get('n_dropped', 0)} dropped); "
               f"syncs per step: {r['syncs']} in render+loss+backward ({r['uploads']} uploads), "
-              f"{r['update_syncs']} in a grid update")
+              f"{r['update_syncs']} in a grid update"
+              + ("" if r["cuda_syncs"] is None else f"; CUDA sync-debug warnings in that step: {r['cuda_syncs']}"))
         for site, n in sorted(r["sync_sites"].items()):
             print(f"    sync x{n} {site}")
         tot = sum(r["timers"].values())
