@@ -97,6 +97,10 @@ def test_matches_brute_force_reference():
             torch.testing.assert_close(frags.dist2[b][valid], d2[valid], atol=1e-5, rtol=0)
             torch.testing.assert_close(frags.depth[b][valid], z[b, p][valid], atol=1e-6, rtol=0)
             assert (frags.dist2[b][~valid] == 0).all() and torch.isinf(frags.depth[b][~valid]).all()
+    none = rasterize_torch(torch.zeros(2, 0, 2), torch.zeros(2, 0), 3, 4, 1.5, 2)  # no points at all
+    assert (none.idx == -1).all() and none.idx.shape == (2, 3, 4, 2) and torch.isinf(none.depth).all()
+    culled = rasterize_torch(torch.full((1, 3, 2), float("nan")), -torch.ones(1, 3), 3, 4, 1.5, 2)  # all culled
+    assert (culled.idx == -1).all() and (culled.dist2 == 0).all()
 
 
 def slow_composite(frags, feats, radius, bg):

@@ -81,6 +81,10 @@ def rasterize_torch(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height:
     bsz, n = z.shape
     npix = bsz * height * width
     device = xy.device
+    shape = (bsz, height, width, k)
+    if n == 0:  # no points: every slot empty
+        return Fragments(torch.full(shape, -1, dtype=torch.long, device=device), torch.zeros(shape, device=device),
+                         torch.full(shape, float("inf"), device=device))
     with torch.no_grad():
         pix, d2, keep = _candidates(xy.detach(), z.detach(), height, width, float(radius), near)
         t = pix.shape[-1]
@@ -108,7 +112,6 @@ def rasterize_torch(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height:
         idx[p, r] = cand % max(n, 1)
         dist2[p, r] = d2.reshape(-1)[order].float()
         depth[p, r] = z.detach().reshape(-1)[cand].float()
-    shape = (bsz, height, width, k)
     return Fragments(idx[:npix].view(shape), dist2[:npix].view(shape), depth[:npix].view(shape))
 
 
