@@ -220,23 +220,63 @@ def test_triton_kernel_default_grid_and_table_only_gradient(interpret):
 
 
 @triton_only
-def test_triton_backend_falls_back_for_double_backward_and_says_why(interpret, monkeypatch):
+def test_triton_double_backward_matches_torch(interpret):
+    """Analytic normals trained with a normal loss: grad of (encoding -> MLP) w.r.t. the points with
+    create_graph, then a loss on that gradient; the table and MLP gradients match the torch path."""
     ref, tri = _pair(SMALL)
-    x = (torch.rand(8, 3) * 0.8 + 0.1).requires_grad_(True)
-    # analytic normals trained with create_graph need second derivatives: the torch path runs
-    out = tri(x, twice_differentiable=True)
-    assert not out.grad_fn.name().startswith("TritonHashGrid")
-    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    g.sum().backward()
-    assert tri.params.grad is not None and torch.count_nonzero(tri.params.grad) > 0
-    torch.testing.assert_close(out, ref(x, twice_differentiable=True))
+    torch.manual_seed(5)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Softplus(), torch.nn.Linear(16, 1))
+    x = torch.rand(24, 3) * 0.9 + 0.05
+    v = torch.randn(24, 3)
+    grads = []
+    for enc in (ref, tri):
+        pts = x.clone().requires_grad_(True)
+        out = enc(pts, twice_differentiable=True)
+        assert out.grad_fn.name().startswith("TritonHashGrid") == (enc is tri)
+        dens = mlp(out)
+        (gx,) = torch.autograd.grad(dens.sum(), pts, create_graph=True)
+        loss = (torch.nn.functional.normalize(gx, dim=-1) * v).sum() + 0.1 * dens.square().sum()
+        mlp.zero_grad()
+        loss.backward()
+        grads.append([enc.params.grad.clone()] + [p.grad.clone() for p in mlp.parameters()] + [gx.detach()])
+    assert torch.count_nonzero(grads[0][0]) > 0
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@triton_only
+def test_triton_double_backward_through_the_table_gradient(interpret):
+    """The table gradient itself differentiated w.r.t. the upstream gradient (the other branch of the
+    kernels' double backward) against the torch path's twice-differentiable gathers."""
+    ref, tri = _pair(SMALL)
+    x = torch.rand(10, 3) * 0.9 + 0.05
+    u, v = torch.randn(ref.params.shape), torch.randn(10, 3)
+    out = []
+    for enc in (ref, tri):
+        g = torch.randn(10, enc.n_output_dims, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        y = enc(x, twice_differentiable=True)
+        (gt,) = torch.autograd.grad(y, enc.params, g, create_graph=True)
+        (gg,) = torch.autograd.grad((gt * u).sum(), g)
+        # both branches at once: the table gradient and the input gradient in one loss
+        pts = x.clone().requires_grad_(True)
+        gt2, gx = torch.autograd.grad(enc(pts, twice_differentiable=True), (enc.params, pts), g, create_graph=True)
+        gg2, gtab2 = torch.autograd.grad((gt2 * u).sum() + (gx * v).sum(), (g, enc.params))
+        out.append((gg, gg2, gtab2))
+    for a, b in zip(out[1], out[0]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@triton_only
+def test_triton_backend_errors_say_what_to_do(interpret, monkeypatch):
+    x = torch.rand(8, 3)
+    tri = HashGridEncoding({**SMALL, "backend": "triton"})
     # backend: triton on CPU tensors without the interpreter is an error that says what to do
     monkeypatch.setattr(hash_grid, "triton_interpreting", lambda: False)
     with pytest.raises(It3dError, match="backend=triton: the kernel runs on CUDA inputs, got cpu"):
         tri(x)
     # auto on CPU tensors is the torch path, kernel or not
     auto = HashGridEncoding({**SMALL, "backend": "auto"})
-    assert not auto(x).grad_fn.name().startswith("TritonHashGrid")
+    assert not auto(x.requires_grad_(True)).grad_fn.name().startswith("TritonHashGrid")
     monkeypatch.setattr(hash_grid, "triton_kernels", lambda: None)
     with pytest.raises(ConfigError, match="backend=triton but triton cannot be imported"):
         HashGridEncoding({**SMALL, "backend": "triton"}, path="geometry.pos_encoding")

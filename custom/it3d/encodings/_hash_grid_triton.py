@@ -5,8 +5,10 @@ One program handles ``BLOCK`` points: for every level it computes the cell and t
 weights once, gathers the 8 corner rows of ``F`` features and blends them in registers, so the
 (8 x L x N) index and weight tensors of the torch path never exist in memory. The backward
 scatters ``w * grad`` into the table with atomic adds and, when asked, accumulates the input
-gradient ``d out / d x`` (first order: ``d w / d x`` is +-res x the product of the other two
-axes' weights) in registers, looping over the levels.
+gradient ``d out / d x`` (``d w / d x`` is +-res x the product of the other two axes' weights)
+in registers, looping over the levels. That backward is differentiable again w.r.t. the table
+and the upstream gradient (a third kernel), which is what training analytic normals with
+``create_graph=True`` needs; second derivatives w.r.t. the positions are not provided.
 
 Imported only when the Triton backend runs: Triton compiles the kernels on first use (no build
 step at install). On a CPU, ``TRITON_INTERPRET=1`` (set before this module is imported) runs the
@@ -133,39 +135,120 @@ def _hash_bwd(x_ptr, table_ptr, res_ptr, off_ptr, dense_ptr, g_ptr, gtable_ptr, 
         tl.store(gx_ptr + n * 3 + 2, tl.where(iz, gza, 0.0), mask=mask)
 
 
+@triton.jit
+def _hash_bwd2(x_ptr, table_ptr, res_ptr, off_ptr, dense_ptr, g_ptr, ggx_ptr, gtable_ptr, gg_ptr, N, hmask, p1, p2,
+               L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr, WANT_TABLE: tl.constexpr, WANT_G: tl.constexpr):
+    """Backward of the input gradient (``gx = sum_l res sum_c dw_c/dx <table[row_c], g_l>``, linear in the
+    table and in ``g``) for an upstream ``ggx``: with ``v_c = res sum_a ggx_a dw_c/dx_a``, the table gets
+    ``v_c g_l`` at row_c and ``g_l`` gets ``sum_c v_c table[row_c]``."""
+    lvl = tl.program_id(1)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < N
+    n = n.to(tl.int64)
+    f = tl.arange(0, F)
+    res = tl.load(res_ptr + lvl)
+    offset = tl.load(off_ptr + lvl)
+    dense = tl.load(dense_ptr + lvl)
+    stride1 = res.to(tl.int64) + 1
+    cx, fx, ix = _axis(x_ptr, n, mask, 0, res)
+    cy, fy, iy = _axis(x_ptr, n, mask, 1, res)
+    cz, fz, iz = _axis(x_ptr, n, mask, 2, res)
+    ax = tl.where(ix, tl.load(ggx_ptr + n * 3 + 0, mask=mask, other=0.0), 0.0) * res
+    ay = tl.where(iy, tl.load(ggx_ptr + n * 3 + 1, mask=mask, other=0.0), 0.0) * res
+    az = tl.where(iz, tl.load(ggx_ptr + n * 3 + 2, mask=mask, other=0.0), 0.0) * res
+    g = tl.load(g_ptr + n[:, None] * (L * F) + lvl * F + f[None, :], mask=mask[:, None], other=0.0)
+    acc = tl.zeros([BLOCK, F], dtype=tl.float32)
+    for c in tl.static_range(8):
+        dx: tl.constexpr = (c >> 2) & 1
+        dy: tl.constexpr = (c >> 1) & 1
+        dz: tl.constexpr = c & 1
+        wx = fx if dx else 1.0 - fx
+        wy = fy if dy else 1.0 - fy
+        wz = fz if dz else 1.0 - fz
+        sx = 1.0 if dx else -1.0
+        sy = 1.0 if dy else -1.0
+        sz = 1.0 if dz else -1.0
+        v = sx * (wy * wz) * ax + sy * (wx * wz) * ay + sz * (wx * wy) * az
+        row = _row(cx, cy, cz, dx, dy, dz, stride1, dense, hmask, p1, p2, offset)
+        ptrs = row[:, None] * F + f[None, :]
+        if WANT_TABLE:
+            tl.atomic_add(gtable_ptr + ptrs, g * v[:, None], mask=mask[:, None])
+        if WANT_G:
+            acc += tl.load(table_ptr + ptrs, mask=mask[:, None], other=0.0) * v[:, None]
+    if WANT_G:
+        tl.store(gg_ptr + n[:, None] * (L * F) + lvl * F + f[None, :], acc, mask=mask[:, None])
+
+
 def _block(n: int) -> int:
     # the interpreter runs one program at a time in numpy: fewer, larger blocks are faster there
     return 128 if not INTERPRET else max(16, min(1024, triton.next_power_of_2(max(n, 1))))
 
 
+def _forward(x, table, res, offsets, dense, hmask: int):
+    n, f, lv = x.shape[0], table.shape[1], res.shape[0]
+    out = torch.empty(n, lv * f, device=x.device, dtype=torch.float32)
+    if n > 0:
+        blk = _block(n)
+        _hash_fwd[(triton.cdiv(n, blk), lv)](x, table, res, offsets, dense, out, n, hmask, PRIMES[1], PRIMES[2],
+                                            L=lv, F=f, BLOCK=blk)
+    return out
+
+
 class TritonHashGrid(torch.autograd.Function):
     """``(x: N 3 float32, table: T F float32, res: L float32, offsets: L int64, dense: L int32, hmask)
-    -> N (L F)``; differentiable once w.r.t. ``x`` and ``table``."""
+    -> N (L F)``. Its backward is itself differentiable w.r.t. the table and the upstream gradient
+    (:class:`_Backward`), so ``create_graph=True`` works (analytic normals trained with a normal
+    loss); second derivatives w.r.t. ``x`` itself are not provided (the renderer's sample points
+    are constants)."""
 
     @staticmethod
     def forward(ctx, x, table, res, offsets, dense, hmask: int):
-        n, f, lv = x.shape[0], table.shape[1], res.shape[0]
-        out = torch.empty(n, lv * f, device=x.device, dtype=torch.float32)
-        if n > 0:
-            blk = _block(n)
-            _hash_fwd[(triton.cdiv(n, blk), lv)](x, table, res, offsets, dense, out, n, hmask, PRIMES[1], PRIMES[2],
-                                                L=lv, F=f, BLOCK=blk)
         ctx.save_for_backward(x, table, res, offsets, dense)
         ctx.hmask = hmask
-        return out
+        return _forward(x, table, res, offsets, dense, hmask)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, table, res, offsets, dense = ctx.saved_tensors
+        gx, gt = _Backward.apply(x, table, g.float().contiguous(), res, offsets, dense, ctx.hmask,
+                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return gx, gt, None, None, None, None
+
+
+class _Backward(torch.autograd.Function):
+    """``(x, table, g) -> (d/dx, d/dtable)`` of ``<TritonHashGrid(x, table), g>``; differentiable once
+    more w.r.t. ``table`` and ``g``."""
+
+    @staticmethod
+    def forward(ctx, x, table, g, res, offsets, dense, hmask: int, want_x: bool, want_t: bool):
+        n, f, lv = x.shape[0], table.shape[1], res.shape[0]
+        gt = torch.zeros_like(table) if want_t else None
+        gx = torch.zeros_like(x) if want_x else None
+        if n > 0 and (want_x or want_t):
+            blk = _block(n)
+            _hash_bwd[(triton.cdiv(n, blk),)](x, table, res, offsets, dense, g, table if gt is None else gt,
+                                              x if gx is None else gx, n, hmask, PRIMES[1], PRIMES[2], L=lv, F=f,
+                                              BLOCK=blk, WANT_TABLE=want_t, WANT_X=want_x)
+        ctx.save_for_backward(x, table, g, res, offsets, dense)
+        ctx.hmask = hmask
+        return gx, gt
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x, table, res, offsets, dense = ctx.saved_tensors
-        want_x, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def backward(ctx, ggx, ggt):
+        x, table, g, res, offsets, dense = ctx.saved_tensors
+        want_t, want_g = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         n, f, lv = x.shape[0], table.shape[1], res.shape[0]
-        gt = torch.zeros_like(table) if want_t else None
-        gx = torch.empty_like(x) if want_x else None
-        if n > 0 and (want_x or want_t):
+        gtable = torch.zeros_like(table) if want_t and ggx is not None else None
+        gg = None
+        if ggx is not None and n > 0 and (want_t or want_g):
+            gg = torch.empty_like(g) if want_g else None
             blk = _block(n)
-            _hash_bwd[(triton.cdiv(n, blk),)](x, table, res, offsets, dense, g.float().contiguous(),
-                                              table if gt is None else gt, x if gx is None else gx, n, ctx.hmask,
-                                              PRIMES[1], PRIMES[2], L=lv, F=f, BLOCK=blk, WANT_TABLE=want_t,
-                                              WANT_X=want_x)
-        return gx, gt, None, None, None, None
+            _hash_bwd2[(triton.cdiv(n, blk), lv)](x, table, res, offsets, dense, g, ggx.float().contiguous(),
+                                                 table if gtable is None else gtable, g if gg is None else gg, n,
+                                                 ctx.hmask, PRIMES[1], PRIMES[2], L=lv, F=f, BLOCK=blk,
+                                                 WANT_TABLE=want_t, WANT_G=want_g)
+        if ggt is not None and want_g:  # d table_grad / d g: the forward blend of ggt
+            fg = _forward(x, ggt.float().contiguous(), res, offsets, dense, ctx.hmask)
+            gg = fg if gg is None else gg + fg
+        return None, gtable, gg, None, None, None, None, None, None

@@ -13,9 +13,10 @@ on first use) and tiny-cuda-nn.
 
 The choice is made per call from the input's device, and the torch and Triton paths share one
 parameter table, so a checkpoint trained on a GPU loads and renders identically on a CPU. The
-Triton backward is first-order (table and input gradients); a graph that must be differentiated
-twice (``twice_differentiable=True``: analytic normals trained with ``create_graph``) always runs
-the torch path.
+Triton backward gives table and input gradients and is itself differentiable w.r.t. the table
+and the upstream gradient, so analytic normals trained with ``create_graph`` (a normal loss) run
+the kernel too; only second derivatives w.r.t. the input points are not provided (the renderer's
+sample points are constants; the torch path with ``twice_differentiable=True`` has them).
 
 Conventions of the torch backend (the paper's):
 
@@ -169,7 +170,7 @@ class HashGridEncoding(nn.Module):
     def _use_triton(self, x: Tensor, twice: bool) -> bool:
         mode = self.cfg.backend
         f = self.cfg.n_features_per_level
-        if mode == "torch" or twice or f & (f - 1):  # the kernel's backward is first-order only
+        if mode == "torch" or f & (f - 1):
             return False
         if x.is_cuda:
             return triton_kernels() is not None
