@@ -13,8 +13,11 @@ differences are not hidden by the 1e-4 initialisation), and for each point count
   kernel accumulates with atomics, so the order of float additions differs) and of the input
   gradient (relative; first-order, as analytic normals in eval use it);
 * that the kernel's forward and backward make no host sync (``torch.cuda.set_sync_debug_mode``);
-* ms per forward and per forward + backward of each path (CUDA events, median of ``--repeat``
-  after warm-up; the first call compiles the kernels and is not timed).
+* the same for the double backward of analytic normals trained with a normal loss (grad w.r.t.
+  the points with ``create_graph``, then a loss on the normalised gradient): table gradient;
+* ms per forward, forward + backward (table only; table and points) and normals step of each
+  path (CUDA events, median of ``--repeat`` after warm-up; the first call compiles the kernels
+  and is not timed), and the speed-up ``x``.
 
 Prints one table row per N and returns the rows; exits 1 when a difference is over tolerance.
 """
@@ -96,7 +99,26 @@ def check(n: int, levels: int, repeat: int, device: torch.device) -> dict:
         row[f"{name}_fwd_ms"] = _time_ms(fwd(enc), repeat)
         row[f"{name}_train_ms"] = _time_ms(fwd_bwd(enc, False), repeat)
         row[f"{name}_xgrad_ms"] = _time_ms(fwd_bwd(enc, True), repeat)
-    row["ok"] = row["fwd_maxabs"] <= TOL["fwd"] and row["table_rel"] <= TOL["table"] and row["x_rel"] <= TOL["x"]
+    # analytic normals trained with a normal loss: grad w.r.t. the points with create_graph, then backward
+    v = torch.randn(n, 3, device=device, generator=g)
+
+    def normals_step(enc):
+        def run():
+            pts = x.detach().requires_grad_(True)
+            dens = (enc(pts, twice_differentiable=True) * w).sum(-1)
+            (gx,) = torch.autograd.grad(dens.sum(), pts, create_graph=True)
+            enc.params.grad = None
+            (torch.nn.functional.normalize(gx, dim=-1) * v).sum().backward()
+        return run
+
+    normals_step(ref)()
+    gref = ref.params.grad.clone()
+    normals_step(tri)()
+    row["normals_table_rel"] = _rel(tri.params.grad, gref)
+    for name, enc in (("torch", ref), ("triton", tri)):
+        row[f"{name}_normals_ms"] = _time_ms(normals_step(enc), repeat)
+    row["ok"] = (row["fwd_maxabs"] <= TOL["fwd"] and row["table_rel"] <= TOL["table"] and row["x_rel"] <= TOL["x"]
+                 and row["normals_table_rel"] <= TOL["table"])
     return row
 
 
@@ -113,19 +135,22 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     device = torch.device("cuda")
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name(device)}; "
           f"{args.levels} levels x 2^19 x 2 features; times: median of {args.repeat}, ms")
-    head = (f"{'N':>9} {'fwd |d|':>9} {'tbl rel':>9} {'x rel':>9} {'sync':>5} | {'fwd torch':>9} {'triton':>7} "
-            f"{'x':>5} | {'f+b torch':>9} {'triton':>7} {'x':>5} | {'+x torch':>8} {'triton':>7} {'x':>5}")
+    head = (f"{'N':>9} {'fwd |d|':>9} {'tbl rel':>9} {'x rel':>9} {'2nd rel':>9} {'sync':>5} | {'fwd torch':>9} "
+            f"{'triton':>7} {'x':>5} | {'f+b torch':>9} {'triton':>7} {'x':>5} | {'+x torch':>8} {'triton':>7} {'x':>5} "
+            f"| {'normals torch':>13} {'triton':>7} {'x':>5}")
     print(head)
     rows = []
     for n in args.points:
         r = check(n, args.levels, args.repeat, device)
         rows.append(r)
-        print(f"{n:>9} {r['fwd_maxabs']:>9.1e} {r['table_rel']:>9.1e} {r['x_rel']:>9.1e} {'none':>5} | "
+        print(f"{n:>9} {r['fwd_maxabs']:>9.1e} {r['table_rel']:>9.1e} {r['x_rel']:>9.1e} "
+              f"{r['normals_table_rel']:>9.1e} {'none':>5} | "
               f"{r['torch_fwd_ms']:>9.2f} {r['triton_fwd_ms']:>7.2f} {r['torch_fwd_ms'] / r['triton_fwd_ms']:>5.1f} | "
               f"{r['torch_train_ms']:>9.2f} {r['triton_train_ms']:>7.2f} "
               f"{r['torch_train_ms'] / r['triton_train_ms']:>5.1f} | {r['torch_xgrad_ms']:>8.2f} "
-              f"{r['triton_xgrad_ms']:>7.2f} {r['torch_xgrad_ms'] / r['triton_xgrad_ms']:>5.1f}"
-              f"{'' if r['ok'] else '   OVER TOLERANCE'}")
+              f"{r['triton_xgrad_ms']:>7.2f} {r['torch_xgrad_ms'] / r['triton_xgrad_ms']:>5.1f} | "
+              f"{r['torch_normals_ms']:>13.2f} {r['triton_normals_ms']:>7.2f} "
+              f"{r['torch_normals_ms'] / r['triton_normals_ms']:>5.1f}{'' if r['ok'] else '   OVER TOLERANCE'}")
     if not all(r["ok"] for r in rows):
         print(f"hashgrid_check: differences over tolerance {TOL}")
         raise SystemExit(1)
