@@ -47,7 +47,7 @@ def system_and_dm(tmp_path_factory):
 REF_STEP = {("losses.py", "item"): 1, ("losses.py", "index"): 2,  # depth-pearson: fg.sum() < 2, pred[fg], ref[fg]
             ("test_coarse_sync.py", "index_put"): 1}  # ... and the backward of that boolean index
 NOVEL_STEP = {("diffuse_light.py", "item"): 1}  # sample_shading: float(torch.rand(())) on the host RNG (free on GPU)
-GRID_UPDATE = {("volume.py", "tolist"): 1}  # resize_sample_buffers: one read of the measured peaks
+GRID_UPDATE = {("sample_buffers.py", "tolist"): 1}  # the sample buffers' resize: one read of the measured peaks
 
 
 def _sites(counter):

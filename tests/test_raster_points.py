@@ -232,3 +232,37 @@ def test_render_and_backward_make_no_host_sync():
     with count_syncs() as s:
         brute_force(torch.rand(5, 2) * 4, torch.rand(5) + 1, 2, 2, 1.0, 2)
     assert s.count == 4 and all(k.startswith(__file__) and k.endswith(" nonzero") for k in s.by_site())
+
+
+def test_training_pair_buffers_resize_and_match_the_exact_render(caplog):
+    """Training renders gather the pairs into fixed-size buffers (all candidates until measured, then
+    1.25 x the peak every resize_every steps); with nothing dropped the render equals eval's exact one."""
+    from it3d.core.profiling import count_syncs
+
+    geo, r = make_renderer(n=400)
+    r.cfg.resize_every = 2
+    c2w = torch.cat([cam(), cam(90.0, 20.0)])
+    fovy = torch.tensor([FOVY, FOVY])
+    for step in range(3):
+        with count_syncs() as s:
+            r.do_update_step(0, step)
+        assert s.count == (1 if step == 2 else 0)  # step 0: nothing measured yet; step 2: one read
+        out = r(c2w, fovy, 17, 17)
+    fr = r.buffers.fraction
+    # ~7 of the 16 candidate pairs of a 1.5 px disc exist (pi r^2): buffers of about 1.25 x 45 %
+    assert set(fr) == {"scale0", "scale1", "scale2"} and all(0.4 < v < 0.75 for v in fr.values())
+    r.eval()
+    exact = r(c2w, fovy, 17, 17)
+    for a, b in zip(out["features"], exact["features"]):
+        torch.testing.assert_close(a, b)
+    # a buffer too small for the pairs: they are left out (the last points' first), reported, then it grows
+    r.train()
+    r.buffers.fraction = {k: 1 / 32 for k in fr}
+    short = r(c2w, fovy, 17, 17)
+    assert (short["opacity"] < exact["opacity"]).any()
+    with caplog.at_level("WARNING", logger="it3d"):
+        r.do_update_step(0, 4)
+    assert "point fragments did not fit the fixed-size training buffers" in caplog.text
+    assert "fragment_capacity_margin" in caplog.text and all(v >= 2 / 32 for v in r.buffers.fraction.values())
+    with pytest.raises(Exception, match="fragment_capacity_margin"):
+        registry.get("renderer", "point-deferred")({"fragment_capacity_margin": 0.5}, path="r", geometry=geo)

@@ -7,13 +7,16 @@ alpha-composited front to back over a background feature:
 
     out = sum_k a_k prod_{j<k} (1 - a_j) f_k + prod_k (1 - a_k) f_bg
 
-All of it is vectorised and has fixed shapes: every point of every view is splatted to the
-(2R+1)^2 pixels of its window (R = ceil(radius)); the candidates are sorted once by (pixel,
-depth) with a single int64 key in which candidates outside the disc, the image or the view
-frustum carry the key of a pixel past the last, and the first ``k`` of each pixel are scattered
-into a dense (B, H, W, k) buffer. Nothing loops over points and nothing reads a count back
-from the device (no ``nonzero``, no ``.item()``): a training step through it never waits for
-the GPU. Equal keys keep the (view, point, window offset) order (stable sort).
+All of it is vectorised: every point of every view is tested against the pixels of its window
+(the floor(2r) + 1 columns and rows whose centres can lie inside the disc); the (pixel, point)
+pairs inside the disc, the image and the view frustum are gathered into a buffer
+(:mod:`.sample_buffers`), sorted once by (pixel, depth) with a single int64 key (stable: equal
+keys keep the (view, point, offset) order), and the first ``k`` of each pixel are scattered into
+a dense (B, H, W, k) buffer. Nothing loops over points. Given ``buffers`` (the deferred renderer's,
+in training) the pair buffer has a fixed size and nothing reads a count back from the device
+(no ``nonzero``, no ``.item()``): a training step through it never waits for the GPU, and the
+sort stays as small as the pairs that exist. Without them the buffer is sized exactly (one host
+read).
 
 Positions are treated as fixed (no gradient to them); gradients flow to the per-point
 features and the background feature. :class:`WeightedGather` does the compositing sum
@@ -22,13 +25,14 @@ without keeping the (B, H, W, k, C) gathered features for the backward pass.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..core.errors import It3dError
 from ..core.typing import Float, Int, Tensor
 from ..data.cameras import project
+from .sample_buffers import CompactionBuffers
 
 _DEPTH_BITS = 31
 
@@ -55,16 +59,17 @@ def _candidates(xy: Tensor, z: Tensor, height: int, width: int, radius: float, n
     not inside the point's disc, outside the image, or the point is culled), squared distance, validity.
     Shapes (B, N, T) with T = (2 ceil(radius) + 1)^2."""
     bsz, n = z.shape
-    rr = int(math.ceil(radius))
-    off = torch.arange(-rr, rr + 1, device=xy.device)
+    # centres j + 0.5 inside (x - r, x + r): j from ceil(x - r - 0.5), at most floor(2r) + 1 of them
+    span = int(math.floor(2 * radius)) + 1
+    off = torch.arange(span, device=xy.device)
     oy, ox = torch.meshgrid(off, off, indexing="ij")
     oy, ox = oy.reshape(-1), ox.reshape(-1)  # T offsets
     x, y = xy[..., 0], xy[..., 1]
     ok = (z > near) & (x > -radius) & (x < width + radius) & (y > -radius) & (y < height + radius)
     # culled points may project anywhere (inf, nan): give them a harmless position before the integer cast
     x, y = torch.where(ok, x, torch.zeros_like(x)), torch.where(ok, y, torch.zeros_like(y))
-    cx = torch.floor(x).long()[..., None] + ox  # candidate pixel columns, (B, N, T)
-    cy = torch.floor(y).long()[..., None] + oy
+    cx = torch.ceil(x - radius - 0.5).long()[..., None] + ox  # candidate pixel columns, (B, N, T)
+    cy = torch.ceil(y - radius - 0.5).long()[..., None] + oy
     d2 = (cx.to(x.dtype) + 0.5 - x[..., None]) ** 2 + (cy.to(y.dtype) + 0.5 - y[..., None]) ** 2
     keep = ok[..., None] & (d2 < radius * radius) & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
     npix = bsz * height * width
@@ -73,9 +78,14 @@ def _candidates(xy: Tensor, z: Tensor, height: int, width: int, radius: float, n
     return pix, d2, keep
 
 
+EXACT = CompactionBuffers(0.0, "point fragments", "left out of their pixels", "")  # sized exactly, one host read
+
+
 def rasterize_torch(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height: int, width: int, radius: float,
-                    k: int, near: float = 1e-4) -> Fragments:
-    """Rasterize projected points (pixel coordinates + depth) into per-pixel fragment lists."""
+                    k: int, near: float = 1e-4, buffers: Optional[CompactionBuffers] = None,
+                    key: str = "fragments") -> Fragments:
+    """Rasterize projected points (pixel coordinates + depth) into per-pixel fragment lists. ``buffers``:
+    fixed-size pair buffers (entry ``key``) for a sync-free training step; default exact."""
     if radius <= 0 or k < 1:
         raise It3dError(f"point rasterizer: radius must be > 0 and k >= 1 (got radius={radius}, k={k})")
     bsz, n = z.shape
@@ -96,21 +106,26 @@ def rasterize_torch(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height:
         top = (1 << _DEPTH_BITS) - 1
         q = (dep.double() - lo) / (hi - lo).clamp_min(1e-12) * top
         q = torch.where(used, q, torch.zeros_like(q)).long().clamp_(0, top)
-        key, order = torch.sort(((pix << _DEPTH_BITS) | q[..., None]).reshape(-1), stable=True)  # pixel, depth
+        # the pairs inside the disc, in (view, point, offset) order; unused buffer slots hold pix.numel()
+        slot, _, _ = (EXACT if buffers is None else buffers).compact(keep, key, exact=buffers is None)
+        src = slot.clamp_max(pix.numel() - 1)
+        spix = torch.where(slot < pix.numel(), pix.reshape(-1)[src], torch.full_like(src, npix))
+        cand = src // t  # flat (view, point) of each pair
+        skey, order = torch.sort((spix << _DEPTH_BITS) | q.reshape(-1)[cand], stable=True)  # pixel, then depth
         del pix, keep
-        spix = key >> _DEPTH_BITS
+        spix = skey >> _DEPTH_BITS
         first = torch.searchsorted(spix, spix)  # index of the first fragment of each pixel
         rank = torch.arange(spix.numel(), device=device) - first
         sel = (rank < k) & (spix < npix)
         # the first k of each pixel go to their slots; everything else to a discarded extra row
         p = torch.where(sel, spix, torch.full_like(spix, npix))
         r = torch.where(sel, rank, torch.zeros_like(rank))
-        cand = order // t  # flat (view, point) of each sorted candidate
+        cand, src = cand[order], src[order]
         idx = torch.full((npix + 1, k), -1, dtype=torch.long, device=device)
         dist2 = torch.zeros(npix + 1, k, device=device)
         depth = torch.full((npix + 1, k), float("inf"), device=device)
-        idx[p, r] = cand % max(n, 1)
-        dist2[p, r] = d2.reshape(-1)[order].float()
+        idx[p, r] = cand % n
+        dist2[p, r] = d2.reshape(-1)[src].float()
         depth[p, r] = z.detach().reshape(-1)[cand].float()
     return Fragments(idx[:npix].view(shape), dist2[:npix].view(shape), depth[:npix].view(shape))
 
@@ -151,12 +166,13 @@ def pytorch3d_available() -> bool:
 
 
 def rasterize_projected(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height: int, width: int, radius: float,
-                        k: int, backend: str = "torch") -> Fragments:
+                        k: int, backend: str = "torch", buffers: Optional[CompactionBuffers] = None,
+                        key: str = "fragments") -> Fragments:
     """Rasterize already-projected points with the chosen backend (auto: pytorch3d on CUDA when installed)."""
     if backend == "auto":
         backend = "pytorch3d" if xy.is_cuda and pytorch3d_available() else "torch"
     if backend == "torch":
-        return rasterize_torch(xy, z, height, width, radius, k)
+        return rasterize_torch(xy, z, height, width, radius, k, buffers=buffers, key=key)
     if backend == "pytorch3d":
         return rasterize_pytorch3d(xy, z, height, width, radius, k)
     raise It3dError(f"point rasterizer: unknown backend '{backend}' (expected auto, torch or pytorch3d)")

@@ -18,18 +18,17 @@ magnitude <= opacity, not renormalised) when normals are computed, ``weights``, 
 Normals are computed when ``output_normal`` says so, else per ``compute_normals``: ``auto`` =
 when the shading needs them or in eval mode, ``always``, ``never``.
 
-Sample buffers (no host sync in training). The occupied samples are gathered into a buffer of
-fixed size with ``nonzero_static`` instead of ``nonzero``, so a training step never reads a count
-back from the device and keeps static shapes (CUDA graphs / ``torch.compile`` can capture it).
-The buffer holds a fraction of the R x S samples of a pass (coarse density pass, final pass):
-all of them until the occupancy grid has been updated and a render has been measured; then, at
-each grid update, ``sample_capacity_margin`` x the largest occupied fraction any training render
-had since the previous update, rounded up to 1/32 (one host read every ``grid.update_every``
-steps, outside the render). Unused slots evaluate a dummy point whose result is discarded. A
-render with more occupied samples than its buffer renders the excess (the last rays' samples)
-as empty space; the excess is counted on the device and reported by a warning at the next grid
-update, which also enlarges the buffer. ``sample_capacity_margin: 0`` sizes the buffer exactly
-each pass (one host sync per pass, never drops). Eval renders always size it exactly.
+Sample buffers (no host sync in training). The occupied samples are gathered into buffers of
+fixed size (:mod:`.sample_buffers`: ``nonzero_static`` instead of ``nonzero``), one per pass
+(coarse density pass, final pass), so a training step never reads a count back from the device
+and keeps static shapes (CUDA graphs / ``torch.compile`` can capture it). A buffer holds all R x S
+samples until it has been measured; at each grid update it is resized to
+``sample_capacity_margin`` x the largest occupied fraction of the training renders since the
+previous update (one host read every ``grid.update_every`` steps, outside the render). Unused
+slots evaluate a dummy point whose result is discarded. Occupied samples past the buffer (the
+last rays') render as empty space; they are counted on the device and reported by a warning at
+the next update, which enlarges the buffer. ``sample_capacity_margin: 0`` sizes the buffers
+exactly (one host sync per pass, never drops); eval renders always do.
 
 nerfacc is not used: its CUDA estimator would replace :meth:`VolumeRenderer._sample` and the
 gather step behind the same interface; the pure-PyTorch path is what runs everywhere.
@@ -52,6 +51,7 @@ from ..core.registry import register
 from ..core.typing import Bool, Float, Tensor
 from ..materials.diffuse_light import NEEDS_NORMAL
 from .occupancy_grid import OccupancyGrid, OccupancyGridConfig
+from .sample_buffers import CompactionBuffers
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -111,8 +111,6 @@ def _scatter(slot_idx: Tensor, values: Tensor, total: int) -> Tensor:
     return values.new_zeros(total + 1, values.shape[-1]).index_copy(0, slot_idx, values)[:total]
 
 
-CAPACITY_STEP = 32  # buffer fractions are multiples of 1/32: few distinct shapes
-
 
 # ----------------------------------------------------------------------------- renderer
 @register("volume", kind="renderer")
@@ -155,11 +153,8 @@ class VolumeRenderer(BaseRenderer):
         step = 2.0 * math.sqrt(3.0) * self.radius / c.num_samples_per_ray
         self.grid = OccupancyGrid(c.grid, radius=self.radius, step_size=step, path="renderer.grid")
         self.last_stats: dict = {}
-        # training sample buffers, per pass: fraction of R x S slots (host), and since the last grid
-        # update the peak occupied fraction and the samples that did not fit (device, never read per step)
-        self.capacity = {"coarse": 1.0, "fine": 1.0}
-        self._peak: dict = {}
-        self._dropped: Optional[Tensor] = None
+        self.buffers = CompactionBuffers(c.sample_capacity_margin, "occupied samples", "rendered as empty space",
+                                         "system.renderer.sample_capacity_margin")
 
     @property
     def geometry(self):
@@ -179,28 +174,9 @@ class VolumeRenderer(BaseRenderer):
             return
         if global_step % g.cfg.update_every == 0 and global_step != g.last_update_step:
             g.update(self.geometry.forward_density, global_step)
-            self.resize_sample_buffers()
-
-    def resize_sample_buffers(self) -> None:
-        """Size the training sample buffers from the peaks measured since the last call (one host read)
-        and report samples that did not fit. Called at each grid update."""
-        if not self._peak or self.cfg.sample_capacity_margin == 0:
-            return
-        keys = sorted(self._peak)
-        vals = torch.stack([self._peak[k].float() for k in keys] + [self._dropped.float()]).tolist()
-        old = dict(self.capacity)
-        for k, peak in zip(keys, vals):
-            steps = math.ceil(CAPACITY_STEP * self.cfg.sample_capacity_margin * peak - 1e-9)
-            self.capacity[k] = min(1.0, max(1, steps) / CAPACITY_STEP)
-        if vals[-1] > 0:
-            logging.getLogger("it3d").warning(
-                f"renderer: {int(vals[-1])} occupied samples did not fit the training sample buffers "
-                f"({', '.join(f'{k} {old[k]:.0%}' for k in keys)} of the samples) since the last grid update and "
-                f"were rendered as empty space; buffers now {', '.join(f'{k} {self.capacity[k]:.0%}' for k in keys)}. "
-                f"If this repeats, raise system.renderer.sample_capacity_margin "
-                f"(now {self.cfg.sample_capacity_margin}) or set it to 0 (exact, with host syncs)")
-        self._peak = {}
-        self._dropped = None
+            msg = self.buffers.resize()  # sample buffers sized from the renders since the last update
+            if msg:
+                logging.getLogger("it3d").warning(f"renderer: {msg}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, rays_o: Float[Tensor, "B H W 3"], rays_d: Float[Tensor, "B H W 3"],
@@ -283,28 +259,11 @@ class VolumeRenderer(BaseRenderer):
                 mask = mask & self.grid.query(pts).view_as(t)
             return mask
 
-    def _compact(self, mask: Tensor, key: str) -> Tuple[Tensor, Tensor]:
-        """Flat indices of the masked samples in a buffer (unused slots hold ``mask.numel()``) and their
-        count. Training: the buffer's fixed size; eval or margin 0: the exact count (a host sync)."""
-        flat = mask.reshape(-1)
-        total = flat.numel()
-        count = flat.sum()
-        if not self.training or self.cfg.sample_capacity_margin == 0:
-            cap = int(count)
-        else:
-            cap = min(total, math.ceil(self.capacity[key] * total))
-            frac = count.float() / max(total, 1)
-            self._peak[key] = torch.maximum(self._peak[key], frac) if key in self._peak else frac
-            over = (count - cap).clamp_min(0)
-            self._dropped = over if self._dropped is None else self._dropped + over
-            self.last_stats["n_dropped"] = self.last_stats["n_dropped"] + over
-        idx = torch.nonzero_static(flat, size=cap, fill_value=total).squeeze(1)
-        return idx, count
-
     def _eval(self, ro, rd, t, mask, key, density_only=False, lp=None, shading="albedo", output_normal=False):
         """Geometry (+ material) on the masked samples only (gathered into a buffer); zeros elsewhere."""
         r, s = t.shape
-        idx, count = self._compact(mask, key)
+        idx, count, over = self.buffers.compact(mask, key, exact=not self.training)
+        self.last_stats["n_dropped"] = self.last_stats["n_dropped"] + over
         src = idx.clamp_max(r * s - 1)  # unused slots evaluate the last sample; their rows are discarded
         pts = (ro[:, None] + rd[:, None] * t[..., None]).reshape(-1, 3).index_select(0, src)
         if density_only:
