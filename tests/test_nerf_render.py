@@ -283,7 +283,7 @@ def test_training_steps_match_the_uncompacted_reference():
         return math.ceil(32 * 1.5 * max(evaluated[a][0], evaluated[b][0]) / 4096) * 4096 // 32
 
     assert [n for _, n in evaluated] == [4096, 4096, slots(0, 1), slots(0, 1), slots(2, 3), slots(2, 3)]
-    assert slots(0, 1) <= 1024 and ren.buffers.fraction["coarse"] < 0.5
+    assert slots(0, 1) <= 1024 and ren.sample_buffers.fraction["coarse"] < 0.5
 
 
 def _train_render_loss(ren, ro, rd, c2w, shading="lambertian"):
@@ -310,7 +310,7 @@ def test_training_render_and_backward_make_no_host_sync(shading):
         assert s.count == 0 and s.uploads == 0, s.report()
     # grid updates: none at step 0 (no render measured yet), one read of the peaks at step 2
     assert counts == [0, 0, 1, 0]
-    assert ren.buffers.fraction["fine"] < 0.5 and ren.last_stats["n_slots"] < ren.last_stats["n_samples"]
+    assert ren.sample_buffers.fraction["fine"] < 0.5 and ren.last_stats["n_slots"] < ren.last_stats["n_samples"]
     # eval sizes its buffers exactly: one read per pass and chunk (2 passes x 2 chunks)
     ren.eval()
     ren.cfg.eval_chunk_size = 32
@@ -324,7 +324,7 @@ def test_overflowing_sample_buffer_is_reported_and_grows(caplog):
     c2w, ro, rd = camera(8, 8)
     ren.train()
     ren.do_update_step(0, 0)
-    ren.buffers.fraction = {"coarse": 1 / 32, "fine": 1 / 32}  # 128 slots for ~450 occupied samples
+    ren.sample_buffers.fraction = {"coarse": 1 / 32, "fine": 1 / 32}  # 128 slots for ~450 occupied samples
     out = _train_render_loss(ren, ro, rd, c2w, "albedo")
     dropped = int(ren.last_stats["n_dropped"])
     torch.manual_seed(0)
@@ -342,6 +342,6 @@ def test_overflowing_sample_buffer_is_reported_and_grows(caplog):
         ren.do_update_step(0, 2)
     assert f"renderer: {dropped} occupied samples did not fit the fixed-size training buffers" in caplog.text
     assert "rendered as empty space" in caplog.text and "sample_capacity_margin" in caplog.text
-    assert ren.buffers.fraction["fine"] >= 1.5 * live / 4096
+    assert ren.sample_buffers.fraction["fine"] >= 1.5 * live / 4096
     out = _train_render_loss(ren, ro, rd, c2w, "albedo")
     assert int(ren.last_stats["n_dropped"]) == 0

@@ -248,7 +248,7 @@ def test_training_pair_buffers_resize_and_match_the_exact_render(caplog):
             r.do_update_step(0, step)
         assert s.count == (1 if step == 2 else 0)  # step 0: nothing measured yet; step 2: one read
         out = r(c2w, fovy, 17, 17)
-    fr = r.buffers.fraction
+    fr = r.sample_buffers.fraction
     # ~7 of the 16 candidate pairs of a 1.5 px disc exist (pi r^2): buffers of about 1.25 x 45 %
     assert set(fr) == {"scale0", "scale1", "scale2"} and all(0.4 < v < 0.75 for v in fr.values())
     r.eval()
@@ -257,12 +257,12 @@ def test_training_pair_buffers_resize_and_match_the_exact_render(caplog):
         torch.testing.assert_close(a, b)
     # a buffer too small for the pairs: they are left out (the last points' first), reported, then it grows
     r.train()
-    r.buffers.fraction = {k: 1 / 32 for k in fr}
+    r.sample_buffers.fraction = {k: 1 / 32 for k in fr}
     short = r(c2w, fovy, 17, 17)
     assert (short["opacity"] < exact["opacity"]).any()
     with caplog.at_level("WARNING", logger="it3d"):
         r.do_update_step(0, 4)
     assert "point fragments did not fit the fixed-size training buffers" in caplog.text
-    assert "fragment_capacity_margin" in caplog.text and all(v >= 2 / 32 for v in r.buffers.fraction.values())
+    assert "fragment_capacity_margin" in caplog.text and all(v >= 2 / 32 for v in r.sample_buffers.fraction.values())
     with pytest.raises(Exception, match="fragment_capacity_margin"):
         registry.get("renderer", "point-deferred")({"fragment_capacity_margin": 0.5}, path="r", geometry=geo)

@@ -171,8 +171,8 @@ def run(size: int, args, device: torch.device) -> dict:
 
     for i in range(args.warmup):
         step(i)
-    if hasattr(ren, "buffers"):  # steady state: sample buffers sized from the warm-up renders' peaks
-        ren.buffers.resize()
+    if hasattr(ren, "sample_buffers"):  # steady state: sample buffers sized from the warm-up renders' peaks
+        ren.sample_buffers.resize()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -75,7 +75,7 @@ class PointDeferredRenderer(BaseRenderer):
                             f"got {c.fragment_capacity_margin}")
         if c.resize_every < 1:
             raise It3dError(f"system.renderer.resize_every must be >= 1, got {c.resize_every}")
-        self.buffers = CompactionBuffers(c.fragment_capacity_margin, "point fragments", "left out of their pixels",
+        self.sample_buffers = CompactionBuffers(c.fragment_capacity_margin, "point fragments", "left out of their pixels",
                                          "system.renderer.fragment_capacity_margin")
         self._last_resize = -1
         self._geometry = [geometry]  # a list: not a sub-module (the system owns it; no duplicate parameters)
@@ -94,7 +94,7 @@ class PointDeferredRenderer(BaseRenderer):
         if not self.training or on_load_weights or global_step % self.cfg.resize_every or global_step == self._last_resize:
             return
         self._last_resize = global_step
-        msg = self.buffers.resize()
+        msg = self.sample_buffers.resize()
         if msg:
             logging.getLogger("it3d").warning(f"point renderer: {msg}")
 
@@ -120,7 +120,7 @@ class PointDeferredRenderer(BaseRenderer):
             r = self.cfg.radius if s == 0 else max(self.cfg.radius * h / height, self.cfg.min_radius)
             frags = rasterize_projected(scale_coords(xy, height, width, h, w), z, h, w, r,
                                         self.cfg.points_per_pixel, self.cfg.backend,
-                                        buffers=self.buffers if self.training else None, key=f"scale{s}")
+                                        buffers=self.sample_buffers if self.training else None, key=f"scale{s}")
             fmap, a, occ = composite(frags, geo.descriptors, r, self.background)
             feats.append(fmap)
             up = fmap.permute(0, 3, 1, 2)

@@ -153,7 +153,7 @@ class VolumeRenderer(BaseRenderer):
         step = 2.0 * math.sqrt(3.0) * self.radius / c.num_samples_per_ray
         self.grid = OccupancyGrid(c.grid, radius=self.radius, step_size=step, path="renderer.grid")
         self.last_stats: dict = {}
-        self.buffers = CompactionBuffers(c.sample_capacity_margin, "occupied samples", "rendered as empty space",
+        self.sample_buffers = CompactionBuffers(c.sample_capacity_margin, "occupied samples", "rendered as empty space",
                                          "system.renderer.sample_capacity_margin")
 
     @property
@@ -174,7 +174,7 @@ class VolumeRenderer(BaseRenderer):
             return
         if global_step % g.cfg.update_every == 0 and global_step != g.last_update_step:
             g.update(self.geometry.forward_density, global_step)
-            msg = self.buffers.resize()  # sample buffers sized from the renders since the last update
+            msg = self.sample_buffers.resize()  # sample buffers sized from the renders since the last update
             if msg:
                 logging.getLogger("it3d").warning(f"renderer: {msg}")
 
@@ -262,7 +262,7 @@ class VolumeRenderer(BaseRenderer):
     def _eval(self, ro, rd, t, mask, key, density_only=False, lp=None, shading="albedo", output_normal=False):
         """Geometry (+ material) on the masked samples only (gathered into a buffer); zeros elsewhere."""
         r, s = t.shape
-        idx, count, over = self.buffers.compact(mask, key, exact=not self.training)
+        idx, count, over = self.sample_buffers.compact(mask, key, exact=not self.training)
         self.last_stats["n_dropped"] = self.last_stats["n_dropped"] + over
         src = idx.clamp_max(r * s - 1)  # unused slots evaluate the last sample; their rows are discarded
         pts = (ro[:, None] + rd[:, None] * t[..., None]).reshape(-1, 3).index_select(0, src)
