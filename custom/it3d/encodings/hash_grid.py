@@ -5,7 +5,8 @@ on first use) and tiny-cuda-nn.
 ``backend``:
 
 * ``auto`` (default): the Triton kernel for inputs on a CUDA device when ``triton`` is importable
-  (it ships with CUDA builds of torch), the torch path otherwise (CPU, or no Triton);
+  (it ships with CUDA builds of torch) and supports the GPU (compute capability 8.0+, or ROCm),
+  the torch path otherwise (CPU, older GPUs, or no Triton);
 * ``torch``: always the torch path;
 * ``triton``: always the kernel (an error on CPU inputs unless ``TRITON_INTERPRET=1``, Triton's
   slow CPU interpreter that the tests use);
@@ -85,6 +86,11 @@ def triton_kernels():
 def triton_interpreting() -> bool:
     mod = triton_kernels()
     return mod is not None and mod.INTERPRET
+
+
+def _triton_supports(device: torch.device) -> bool:
+    """Triton's supported GPUs: NVIDIA compute capability 8.0+ (its README) or ROCm."""
+    return torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def tcnn_available() -> bool:
@@ -173,7 +179,7 @@ class HashGridEncoding(nn.Module):
         if mode == "torch" or f & (f - 1):
             return False
         if x.is_cuda:
-            return triton_kernels() is not None
+            return triton_kernels() is not None and (mode == "triton" or _triton_supports(x.device))
         if mode == "triton":
             if not triton_interpreting():
                 raise It3dError(f"{self.path}.backend=triton: the kernel runs on CUDA inputs, got {x.device.type} "
