@@ -36,6 +36,7 @@ def system_and_dm(tmp_path_factory):
             f"data.image_path={ROOT}/load/synthetic/rgba.png", f"trial_dir={out}", "data.heights=[16]",
             "data.widths=[16]", "data.ref_prob=0.5", "system.ref_ray_batch=0",
             "system.renderer.grid.update_every=4", "system.material.shading_probs.lambertian=0.5",
+            "system.renderer.sample_capacity_margin=1.5",  # the GPU's buffers (auto sizes exactly on CPU)
             "+system.guidance={g: {type: sync-free-guide, weight: 1.0}}"])
         dm, system = build_components(cfg, parsed, str(out), resumed=False)
         yield system, dm

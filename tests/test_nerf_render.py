@@ -250,8 +250,9 @@ def test_eval_render_matches_the_uncompacted_reference():
 
 def test_training_steps_match_the_uncompacted_reference():
     """Six Adam steps with grid updates every second step; each step's render and every parameter
-    gradient equals the reference's computed from the same parameters and random numbers."""
-    ren, geo = build(grid={"resolution": 16, "update_every": 2})
+    gradient equals the reference's computed from the same parameters and random numbers. The
+    fixed-size sample buffers (what runs on a GPU: margin 1.5) are used on CPU here too."""
+    ren, geo = build(grid={"resolution": 16, "update_every": 2}, sample_capacity_margin=1.5)
     ren.train()
     lights = torch.tensor([[1.0, 1.0, 1.0]])
     opt = torch.optim.Adam(geo.parameters(), lr=1e-2)
@@ -297,7 +298,7 @@ def _train_render_loss(ren, ro, rd, c2w, shading="lambertian"):
 def test_training_render_and_backward_make_no_host_sync(shading):
     from it3d.core.profiling import count_syncs
 
-    ren, geo = build(grid={"resolution": 16, "update_every": 2})
+    ren, geo = build(grid={"resolution": 16, "update_every": 2}, sample_capacity_margin=1.5)
     c2w, ro, rd = camera(8, 8)
     ren.train()
     counts = []
@@ -320,7 +321,7 @@ def test_training_render_and_backward_make_no_host_sync(shading):
 
 
 def test_overflowing_sample_buffer_is_reported_and_grows(caplog):
-    ren, geo = build(grid={"resolution": 16, "update_every": 2})
+    ren, geo = build(grid={"resolution": 16, "update_every": 2}, sample_capacity_margin=1.5)
     c2w, ro, rd = camera(8, 8)
     ren.train()
     ren.do_update_step(0, 0)
@@ -345,3 +346,22 @@ def test_overflowing_sample_buffer_is_reported_and_grows(caplog):
     assert ren.sample_buffers.fraction["fine"] >= 1.5 * live / 4096
     out = _train_render_loss(ren, ro, rd, c2w, "albedo")
     assert int(ren.last_stats["n_dropped"]) == 0
+
+
+def test_auto_margin_is_exact_on_cpu_and_bad_margins_fail():
+    from it3d.core.config import ConfigError
+    from it3d.core.profiling import count_syncs
+
+    ren, geo = build(grid={"resolution": 16, "update_every": 2})  # sample_capacity_margin: auto
+    c2w, ro, rd = camera(8, 8)
+    ren.train()
+    for step in range(3):
+        ren.do_update_step(0, step)
+        with count_syncs() as s:
+            _train_render_loss(ren, ro, rd, c2w, "albedo")
+    # on CPU tensors auto sizes every buffer to its count (a host read per pass costs nothing there)
+    assert ren.last_stats["n_slots"] == int(ren.last_stats["n_evaluated"]) < ren.last_stats["n_samples"]
+    assert s.count == 2 and all("sample_buffers.py" in k for k in s.by_site())
+    for bad in (0.5, "often"):
+        with pytest.raises(ConfigError, match="sample_capacity_margin: expected auto, 0 .exact. or a number >= 1"):
+            build(sample_capacity_margin=bad)

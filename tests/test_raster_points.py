@@ -153,12 +153,12 @@ def test_weighted_gather_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: WeightedGather.apply(a, b, idx), (w, f))
 
 
-def make_renderer(n=400, rgb_skip=False, channels=(4, 8, 8, 8)):
+def make_renderer(n=400, rgb_skip=False, channels=(4, 8, 8, 8), **cfg):
     geo = registry.get("geometry", "point-cloud")({}, path="g")
     g = torch.Generator().manual_seed(0)
     geo.set_points(torch.rand(n, 3, generator=g) - 0.5, torch.rand(n, 3, generator=g), torch.rand(n, generator=g) > 0.5)
     r = registry.get("renderer", "point-deferred")({"unet_channels": list(channels), "rgb_skip": rgb_skip,
-                                                    "radius": 1.5}, path="r", geometry=geo)
+                                                    "radius": 1.5, **cfg}, path="r", geometry=geo)
     return geo, r
 
 
@@ -221,7 +221,7 @@ def test_render_and_backward_make_no_host_sync():
     back from the device (nonzero, item) and no Python number is uploaded per call."""
     from it3d.core.profiling import count_syncs
 
-    geo, r = make_renderer()
+    geo, r = make_renderer(fragment_capacity_margin=1.25)  # the buffers a GPU uses (auto is exact on CPU)
     c2w = torch.cat([cam(), cam(90.0, 20.0)])
     for fovy in (torch.tensor([FOVY, FOVY]), FOVY):
         with count_syncs() as s:
@@ -239,8 +239,7 @@ def test_training_pair_buffers_resize_and_match_the_exact_render(caplog):
     1.25 x the peak every resize_every steps); with nothing dropped the render equals eval's exact one."""
     from it3d.core.profiling import count_syncs
 
-    geo, r = make_renderer(n=400)
-    r.cfg.resize_every = 2
+    geo, r = make_renderer(n=400, fragment_capacity_margin=1.25, resize_every=2)
     c2w = torch.cat([cam(), cam(90.0, 20.0)])
     fovy = torch.tensor([FOVY, FOVY])
     for step in range(3):
@@ -264,5 +263,11 @@ def test_training_pair_buffers_resize_and_match_the_exact_render(caplog):
         r.do_update_step(0, 4)
     assert "point fragments did not fit the fixed-size training buffers" in caplog.text
     assert "fragment_capacity_margin" in caplog.text and all(v >= 2 / 32 for v in r.sample_buffers.fraction.values())
-    with pytest.raises(Exception, match="fragment_capacity_margin"):
+    with pytest.raises(Exception, match="fragment_capacity_margin: expected auto, 0"):
         registry.get("renderer", "point-deferred")({"fragment_capacity_margin": 0.5}, path="r", geometry=geo)
+    # auto on CPU tensors: exact sizing (one read per scale), the same image
+    geo, r = make_renderer(n=400)
+    with count_syncs() as s:
+        auto = r(c2w, fovy, 17, 17)
+    assert s.count == 3
+    torch.testing.assert_close(auto["features"][0], exact["features"][0])

@@ -94,14 +94,16 @@ class Timers:
         return _S()
 
 
-def build(device: torch.device, grid_res: int, shading: str, encoding_backend: str = "auto"):
+def build(device: torch.device, grid_res: int, shading: str, encoding_backend: str = "auto", margin=None):
     enc = {"otype": "HashGrid", "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19,
            "base_resolution": 16, "max_resolution": 2048, "backend": encoding_backend}
     geo = get("geometry", "implicit-volume")({"pos_encoding": enc}, path="system.geometry").to(device)
     mat = get("material", "diffuse-light")({"shading_probs": {shading: 1.0}}, path="system.material").to(device)
     bg = get("background", "random-color")({}, path="system.background").to(device)
-    ren = get("renderer", "volume")({"grid": {"resolution": grid_res}}, path="system.renderer",
-                                    geometry=geo, material=mat, background=bg).to(device)
+    rcfg = {"grid": {"resolution": grid_res}}
+    if margin is not None:
+        rcfg["sample_capacity_margin"] = margin
+    ren = get("renderer", "volume")(rcfg, path="system.renderer", geometry=geo, material=mat, background=bg).to(device)
     return geo, mat, bg, ren
 
 
@@ -117,7 +119,7 @@ def instrument(geo, mat, ren, timers: Timers) -> None:
 
 def run(size: int, args, device: torch.device) -> dict:
     torch.manual_seed(0)
-    geo, mat, bg, ren = build(device, args.grid_res, args.shading, args.encoding_backend)
+    geo, mat, bg, ren = build(device, args.grid_res, args.shading, args.encoding_backend, args.sample_capacity_margin)
     for m in (geo, mat, bg, ren):
         m.train()
     opt = torch.optim.Adam(list(geo.parameters()) + list(bg.parameters()), lr=1e-2, eps=1e-15)
@@ -219,6 +221,8 @@ def main() -> None:
     p.add_argument("--shading", default="albedo", help="albedo (no normals) or lambertian (analytic normals)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = default)")
     p.add_argument("--encoding-backend", default="auto", help="hash grid backend: auto | torch | triton | tcnn")
+    p.add_argument("--sample-capacity-margin", default=None,
+                   help="renderer.sample_capacity_margin (default: the renderer's, auto: exact on CPU, 1.5 on GPU)")
     p.add_argument("--src", default=HERE_SRC, help="the it3d source dir to measure (default: this checkout)")
     p.add_argument("--sparse", action="store_true",
                    help="bias the density down so the occupancy grid skips most samples (a trained scene's case); "

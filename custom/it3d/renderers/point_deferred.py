@@ -17,8 +17,9 @@ up-sampled to H x W, and a gated-convolution U-Net turns their concatenation int
   fixed size (:mod:`.sample_buffers`), all candidate pairs until measured, then every
   ``resize_every`` training steps ``fragment_capacity_margin`` x the largest fraction measured
   since (one host read then). Pairs past it are left out and reported by a warning at the next
-  resize, which enlarges the buffer; ``fragment_capacity_margin: 0`` sizes it exactly (one sync
-  per scale); eval renders always do.
+  resize, which enlarges the buffer. ``fragment_capacity_margin``: ``auto`` = 1.25 on an
+  accelerator, exact on CPU tensors; ``0`` = exact everywhere (one sync per scale); eval renders
+  always size exactly.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class PointDeferredRenderer(BaseRenderer):
         rgb_skip: bool = True
         bg_init: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # RGB of the background descriptor
         bg_feature_init: float = 1.0  # its other channels (the points' start near 0): empty pixels stand out
-        fragment_capacity_margin: float = 1.25  # training pair buffer / peak measured fraction (0 = exact, syncs)
+        fragment_capacity_margin: Any = "auto"  # pair buffer / peak fraction: auto (exact on CPU, 1.25 else) | 0 | >= 1
         resize_every: int = 16  # training steps between buffer resizes (one host read each)
 
     cfg: Config
@@ -70,13 +71,11 @@ class PointDeferredRenderer(BaseRenderer):
         if self.cfg.num_scales < 1:
             raise It3dError("system.renderer.num_scales must be >= 1")
         c = self.cfg
-        if c.fragment_capacity_margin != 0 and c.fragment_capacity_margin < 1:
-            raise It3dError(f"system.renderer.fragment_capacity_margin: expected 0 (exact) or >= 1, "
-                            f"got {c.fragment_capacity_margin}")
         if c.resize_every < 1:
             raise It3dError(f"system.renderer.resize_every must be >= 1, got {c.resize_every}")
-        self.sample_buffers = CompactionBuffers(c.fragment_capacity_margin, "point fragments", "left out of their pixels",
-                                         "system.renderer.fragment_capacity_margin")
+        self.sample_buffers = CompactionBuffers(c.fragment_capacity_margin, "point fragments",
+                                                "left out of their pixels", "system.renderer.fragment_capacity_margin",
+                                                auto_margin=1.25)
         self._last_resize = -1
         self._geometry = [geometry]  # a list: not a sub-module (the system owns it; no duplicate parameters)
         dim = geometry.cfg.descriptor_dim

@@ -10,23 +10,38 @@ entries measured since its previous call (one host read, done by the renderers e
 training steps). Entries past the buffer are dropped (the last ones in flat order); their number
 is counted on the device and returned as a warning text by the next resize, which also enlarges
 the buffer. ``margin = 0`` or ``exact=True`` (eval) sizes the buffer to the exact count (one host
-sync per call, never drops).
+sync per call, never drops). ``margin = "auto"``: exact on CPU tensors (there a host read costs
+nothing, while unused buffer slots cost compute) and ``auto_margin`` on accelerators.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..core.errors import ConfigError
 from ..core.typing import Tensor
 
 CAPACITY_STEP = 32  # buffer fractions are multiples of 1/32: few distinct shapes
 
 
+def check_margin(value: Any, key: str) -> None:
+    if value == "auto":
+        return
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = -1.0
+    if v != 0 and v < 1:
+        raise ConfigError(f"{key}: expected auto, 0 (exact) or a number >= 1, got {value!r}")
+
+
 class CompactionBuffers:
-    def __init__(self, margin: float, what: str, dropped_as: str, margin_key: str) -> None:
-        self.margin = float(margin)
+    def __init__(self, margin: Any, what: str, dropped_as: str, margin_key: str, auto_margin: float = 1.5) -> None:
+        check_margin(margin, margin_key)
+        self.auto = margin == "auto"
+        self.margin = float(auto_margin if self.auto else margin)
         self.what, self.dropped_as, self.margin_key = what, dropped_as, margin_key
         self.fraction: Dict[str, float] = {}  # per key, of the mask's entries (host)
         self._peak: Dict[str, Tensor] = {}  # per key, since the last resize (device)
@@ -38,7 +53,7 @@ class CompactionBuffers:
         flat = mask.reshape(-1)
         total = flat.numel()
         count = flat.sum()
-        if exact or self.margin == 0:
+        if exact or self.margin == 0 or (self.auto and flat.device.type == "cpu"):
             cap = int(count)
             over = torch.zeros_like(count)
         else:
@@ -66,4 +81,5 @@ class CompactionBuffers:
         return (f"{int(vals[-1])} {self.what} did not fit the fixed-size training buffers "
                 f"({', '.join(f'{k} {old[k]:.0%}' for k in keys)}) since the last resize and were {self.dropped_as}; "
                 f"buffers now {', '.join(f'{k} {self.fraction[k]:.0%}' for k in keys)}. If this repeats, raise "
-                f"{self.margin_key} (now {self.margin}) or set it to 0 (exact sizing, with host syncs)")
+                f"{self.margin_key} (now {'auto: ' if self.auto else ''}{self.margin}) or set it to 0 (exact sizing, "
+                f"with host syncs)")

@@ -27,8 +27,10 @@ samples until it has been measured; at each grid update it is resized to
 previous update (one host read every ``grid.update_every`` steps, outside the render). Unused
 slots evaluate a dummy point whose result is discarded. Occupied samples past the buffer (the
 last rays') render as empty space; they are counted on the device and reported by a warning at
-the next update, which enlarges the buffer. ``sample_capacity_margin: 0`` sizes the buffers
-exactly (one host sync per pass, never drops); eval renders always do.
+the next update, which enlarges the buffer. ``sample_capacity_margin``: ``auto`` (default) = 1.5
+on an accelerator and exact sizing on CPU tensors (where reading a count costs nothing and
+unused slots would cost compute); ``0`` = exact sizing everywhere (one host sync per pass, never
+drops); a number >= 1 = that margin everywhere. Eval renders always size exactly.
 
 nerfacc is not used: its CUDA estimator would replace :meth:`VolumeRenderer._sample` and the
 gather step behind the same interface; the pure-PyTorch path is what runs everywhere.
@@ -124,7 +126,7 @@ class VolumeRenderer(BaseRenderer):
         eval_chunk_size: int = 4096  # rays per chunk in eval mode
         compute_normals: str = "auto"  # auto | always | never
         grid: dict = field(default_factory=dict)  # OccupancyGridConfig
-        sample_capacity_margin: float = 1.5  # training sample buffer / peak occupied fraction (0 = exact, syncs)
+        sample_capacity_margin: Any = "auto"  # buffer / peak occupied fraction: auto (exact on CPU, 1.5 else) | 0 | >= 1
         backend: str = "torch"  # the only one implemented (see the module docstring)
 
     cfg: "VolumeRenderer.Config"
@@ -145,8 +147,6 @@ class VolumeRenderer(BaseRenderer):
             raise ConfigError(f"renderer.backend: only 'torch' is implemented, got '{c.backend}'")
         if c.num_samples_per_ray < 1 or c.num_importance_samples < 0:
             raise ConfigError("renderer: need num_samples_per_ray >= 1 and num_importance_samples >= 0")
-        if c.sample_capacity_margin != 0 and c.sample_capacity_margin < 1:
-            raise ConfigError(f"renderer.sample_capacity_margin: expected 0 (exact) or >= 1, got {c.sample_capacity_margin}")
         # held outside the module tree: the system owns (and saves) them once
         self._sub = types.SimpleNamespace(geometry=geometry, material=material, background=background)
         self.radius = float(geometry.radius)
@@ -154,7 +154,7 @@ class VolumeRenderer(BaseRenderer):
         self.grid = OccupancyGrid(c.grid, radius=self.radius, step_size=step, path="renderer.grid")
         self.last_stats: dict = {}
         self.sample_buffers = CompactionBuffers(c.sample_capacity_margin, "occupied samples", "rendered as empty space",
-                                         "system.renderer.sample_capacity_margin")
+                                                "system.renderer.sample_capacity_margin", auto_margin=1.5)
 
     @property
     def geometry(self):
