@@ -83,7 +83,7 @@ def _classify_function(func, args, kwargs) -> Optional[str]:
 
 
 def _call_site() -> str:
-    frames = [f for f in traceback.extract_stack() if f.filename != _THIS]
+    frames = [f for f in traceback.extract_stack() if os.path.abspath(f.filename) != _THIS]
     for f in reversed(frames):
         if f.filename.startswith(_HERE):
             return f"{os.path.relpath(f.filename, os.path.dirname(_HERE))}:{f.lineno}"
