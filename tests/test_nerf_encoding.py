@@ -1,10 +1,13 @@
 """Hash-grid and frequency encodings against slow, explicit reference implementations."""
 import math
+import sys
 
 import pytest
 import torch
 
 from it3d.core.config import ConfigError
+from it3d.core.errors import It3dError
+from it3d.encodings import hash_grid
 from it3d.encodings.factory import build_encoding, make_mlp
 from it3d.encodings.frequency import FrequencyEncoding
 from it3d.encodings.hash_grid import HashGridEncoding
@@ -44,7 +47,8 @@ def reference_encode(enc: HashGridEncoding, x: torch.Tensor):
                 else:
                     i = ((c[0] * 1) ^ (c[1] * P1) ^ (c[2] * P2)) % T
                 row = offset + i
-                out[p, lv * 2:(lv + 1) * 2] += w * table[row]
+                f = enc.cfg.n_features_per_level
+                out[p, lv * f:(lv + 1) * f] += w * table[row]
                 row_weight[row] = row_weight.get(row, 0.0) + w
         offset += size
     return out, row_weight
@@ -128,9 +132,11 @@ def test_frequency_encoding_closed_form():
 
 def test_factory_backends_and_errors():
     assert build_encoding({"otype": "HashGrid", **SMALL}).backend == "torch"
-    assert build_encoding({"otype": "HashGrid", **{**SMALL, "backend": "auto"}}).backend in ("torch", "tcnn")
+    assert build_encoding({"otype": "HashGrid", **{**SMALL, "backend": "auto"}}).backend in ("torch", "triton")
     if not torch.cuda.is_available():
         assert build_encoding({**SMALL, "backend": "auto"}).backend == "torch"
+    with pytest.raises(ConfigError, match="backend: expected one of auto, torch, triton, tcnn"):
+        build_encoding({**SMALL, "backend": "cuda"})
     with pytest.raises(ConfigError, match="otype"):
         build_encoding({"otype": "HashGird"})
     with pytest.raises(ConfigError, match="n_level"):
@@ -147,3 +153,130 @@ def test_tcnn_backend_unavailable_is_a_clear_error():
             HashGridEncoding({**SMALL, "backend": "tcnn"})
     else:
         pytest.skip("tinycudann is installed here, so the missing-backend error cannot occur")
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+# Triton ships wheels for Linux only (requirements.txt installs it there); elsewhere these tests skip.
+triton_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="triton has no wheels for this platform")
+
+
+@pytest.fixture
+def interpret():
+    """The kernel module; without CUDA conftest.py has set TRITON_INTERPRET=1 (Triton's CPU interpreter)."""
+    mod = hash_grid.triton_kernels()
+    assert mod is not None, "triton is not installed: pip install -r requirements.txt"
+    assert mod.INTERPRET, "set TRITON_INTERPRET=1 before triton is imported (tests/conftest.py does without CUDA)"
+    return mod
+
+
+def _pair(cfg, seed=0):
+    torch.manual_seed(seed)
+    ref = HashGridEncoding({**cfg, "backend": "torch"})
+    tri = HashGridEncoding({**cfg, "backend": "triton"})
+    with torch.no_grad():
+        ref.params.uniform_(-1, 1)
+        tri.params.copy_(ref.params)
+    return ref, tri
+
+
+EDGES = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.25, 1.0], [1.2, -0.1, 0.3], [0.999999, 1e-7, 0.5]])
+
+
+@triton_only
+@pytest.mark.parametrize("cfg", [SMALL, {**SMALL, "n_features_per_level": 4, "log2_hashmap_size": 9},
+                                 {**SMALL, "n_features_per_level": 1, "n_levels": 3, "base_resolution": 3}])
+def test_triton_kernel_matches_torch_values_and_gradients(interpret, cfg):
+    """Forward, table gradient and input gradient of the kernel (in Triton's interpreter) against the
+    torch path, on dense and hashed levels, cell edges, the cube's faces and clamped points."""
+    ref, tri = _pair(cfg)
+    x = torch.cat([torch.rand(40, 3), EDGES])
+    xr, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_r, out_t = ref(xr), tri(xt)
+    assert out_t.grad_fn.name().startswith("TritonHashGrid")  # the kernel ran, not the torch path
+    torch.testing.assert_close(out_t, out_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out_t.double(), reference_encode(ref, x)[0], atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(out_r)
+    (out_r * w).sum().backward()
+    (out_t * w).sum().backward()
+    assert torch.count_nonzero(ref.params.grad) > 0
+    torch.testing.assert_close(tri.params.grad, ref.params.grad, atol=1e-5, rtol=1e-5)
+    # d/dx is res x (weight slopes) per level: values of order 100; clamped coordinates get 0
+    torch.testing.assert_close(xt.grad, xr.grad, atol=1e-4, rtol=1e-5)
+    assert xt.grad[-2, 0] == 0 and xt.grad[-2, 1] == 0 and xt.grad[-2, 2] != 0
+
+
+@triton_only
+def test_triton_kernel_default_grid_and_table_only_gradient(interpret):
+    """The paper's 16-level grid (5 dense + 11 hashed levels of 2^19 rows); no input gradient asked."""
+    ref, tri = _pair({"backend": "torch"}, seed=1)
+    x = torch.rand(6, 3)
+    out_r, out_t = ref(x), tri(x)
+    torch.testing.assert_close(out_t, out_r, atol=1e-6, rtol=1e-6)
+    out_r[:, 0::2].sum().backward()
+    out_t[:, 0::2].sum().backward()
+    torch.testing.assert_close(tri.params.grad, ref.params.grad, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # inference: the kernel without a graph
+        torch.testing.assert_close(tri(x), out_r.detach(), atol=1e-6, rtol=1e-6)
+
+
+@triton_only
+def test_triton_double_backward_matches_torch(interpret):
+    """Analytic normals trained with a normal loss: grad of (encoding -> MLP) w.r.t. the points with
+    create_graph, then a loss on that gradient; the table and MLP gradients match the torch path."""
+    ref, tri = _pair(SMALL)
+    torch.manual_seed(5)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Softplus(), torch.nn.Linear(16, 1))
+    x = torch.rand(24, 3) * 0.9 + 0.05
+    v = torch.randn(24, 3)
+    grads = []
+    for enc in (ref, tri):
+        pts = x.clone().requires_grad_(True)
+        out = enc(pts, twice_differentiable=True)
+        assert out.grad_fn.name().startswith("TritonHashGrid") == (enc is tri)
+        dens = mlp(out)
+        (gx,) = torch.autograd.grad(dens.sum(), pts, create_graph=True)
+        loss = (torch.nn.functional.normalize(gx, dim=-1) * v).sum() + 0.1 * dens.square().sum()
+        mlp.zero_grad()
+        loss.backward()
+        grads.append([enc.params.grad.clone()] + [p.grad.clone() for p in mlp.parameters()] + [gx.detach()])
+    assert torch.count_nonzero(grads[0][0]) > 0
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@triton_only
+def test_triton_double_backward_through_the_table_gradient(interpret):
+    """The table gradient itself differentiated w.r.t. the upstream gradient (the other branch of the
+    kernels' double backward) against the torch path's twice-differentiable gathers."""
+    ref, tri = _pair(SMALL)
+    x = torch.rand(10, 3) * 0.9 + 0.05
+    u, v = torch.randn(ref.params.shape), torch.randn(10, 3)
+    out = []
+    for enc in (ref, tri):
+        g = torch.randn(10, enc.n_output_dims, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        y = enc(x, twice_differentiable=True)
+        (gt,) = torch.autograd.grad(y, enc.params, g, create_graph=True)
+        (gg,) = torch.autograd.grad((gt * u).sum(), g)
+        # both branches at once: the table gradient and the input gradient in one loss
+        pts = x.clone().requires_grad_(True)
+        gt2, gx = torch.autograd.grad(enc(pts, twice_differentiable=True), (enc.params, pts), g, create_graph=True)
+        gg2, gtab2 = torch.autograd.grad((gt2 * u).sum() + (gx * v).sum(), (g, enc.params))
+        out.append((gg, gg2, gtab2))
+    for a, b in zip(out[1], out[0]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@triton_only
+def test_triton_backend_errors_say_what_to_do(interpret, monkeypatch):
+    x = torch.rand(8, 3)
+    tri = HashGridEncoding({**SMALL, "backend": "triton"})
+    # backend: triton on CPU tensors without the interpreter is an error that says what to do
+    monkeypatch.setattr(hash_grid, "triton_interpreting", lambda: False)
+    with pytest.raises(It3dError, match="backend=triton: the kernel runs on CUDA inputs, got cpu"):
+        tri(x)
+    # auto on CPU tensors is the torch path, kernel or not
+    auto = HashGridEncoding({**SMALL, "backend": "auto"})
+    assert not auto(x.requires_grad_(True)).grad_fn.name().startswith("TritonHashGrid")
+    monkeypatch.setattr(hash_grid, "triton_kernels", lambda: None)
+    with pytest.raises(ConfigError, match="backend=triton but triton cannot be imported"):
+        HashGridEncoding({**SMALL, "backend": "triton"}, path="geometry.pos_encoding")

@@ -168,3 +168,200 @@ def test_config_validation_reaches_the_grid_and_the_encoding():
         validate_component("renderer", "volume", {"grid": {"resolutoin": 128}}, "system.renderer")
     with pytest.raises(ConfigError, match="system.geometry.pos_encoding.log2_hashmap"):
         validate_component("geometry", "implicit-volume", {"pos_encoding": {"log2_hashmap": 12}}, "system.geometry")
+
+
+# ----------------------------------------------------------------------------- reference (no compaction)
+def reference_render(ren, ro, rd, lp=None, shading="albedo", output_normal=False):
+    """The documented algorithm with no sample compaction: every sample of every ray is sent to the
+    geometry and the ones the occupancy grid (or the box) rules out are zeroed afterwards. It draws
+    random numbers in the renderer's order (stratified jitter, then the importance samples), so with
+    the same RNG state it must give the renderer's result up to float rounding."""
+    from it3d.renderers.volume import ray_aabb as aabb
+
+    c, r = ren.cfg, ro.shape[0]
+    n = c.num_samples_per_ray
+    randomized = ren.training and c.randomized
+    near, far, hit = aabb(ro, rd, ren.radius, c.near_plane)
+    edges = near[:, None] + (far - near)[:, None] * torch.linspace(0.0, 1.0, n + 1)
+    jitter = torch.rand(r, n) if randomized else 0.5
+    t = edges[:, :-1] + (edges[:, 1:] - edges[:, :-1]) * jitter
+    starts, ends = edges[:, :-1], edges[:, 1:]
+    g = ren.grid
+
+    def points(t):
+        return (ro[:, None] + rd[:, None] * t[..., None]).reshape(-1, 3)
+
+    def live(t):
+        m = hit[:, None].expand_as(t).reshape(-1)
+        if g.enabled and bool(g.initialized):
+            m = m & g.occupied.reshape(-1)[g.cell_index(points(t))] & (points(t).abs() <= g.radius).all(-1)
+        return m.view_as(t)
+
+    if c.num_importance_samples > 0:
+        with torch.no_grad():
+            dens = torch.where(live(t), ren.geometry.forward_density(points(t)).view_as(t), 0.0)
+            w = volume_weights(dens, ends - starts)[0]
+        t_new = sample_pdf(edges, w, c.num_importance_samples, deterministic=not randomized)
+        t, _ = torch.sort(torch.cat([t, t_new], -1), -1)
+        mids = 0.5 * (t[:, 1:] + t[:, :-1])
+        starts, ends = torch.cat([near[:, None], mids], -1), torch.cat([mids, far[:, None]], -1)
+    m = live(t)
+    s = t.shape[1]
+    pts = points(t)
+    geo = ren.geometry(pts, output_normal=output_normal)
+    ray = torch.arange(r).repeat_interleave(s)
+    rgb = ren.material(geo["features"], viewdirs=rd[ray], shading_normal=geo.get("normal"),
+                       light_positions=None if lp is None else lp[ray], shading=shading, positions=pts)
+    density = torch.where(m, geo["density"].view(r, s), 0.0)
+    w = volume_weights(density, ends - starts)[0]
+    out = {"rgb": accumulate(w, torch.where(m[..., None], rgb.view(r, s, 3), 0.0)), "opacity": w.sum(-1, keepdim=True),
+           "depth": (w * t).sum(-1, keepdim=True), "weights": w, "n_live": int(m.sum())}
+    if output_normal:
+        out["normal"] = accumulate(w, torch.where(m[..., None], geo["normal"].view(r, s, 3), 0.0))
+    return out
+
+
+def _flat(ro, rd):
+    return ro.reshape(-1, 3), torch.nn.functional.normalize(rd.reshape(-1, 3), dim=-1)
+
+
+def _compare(out, ref, h, w, atol):
+    torch.testing.assert_close(out["comp_rgb_fg"], ref["rgb"].view(1, h, w, 3), atol=atol, rtol=0)
+    for k in ("opacity", "depth"):
+        torch.testing.assert_close(out[k], ref[k].view(1, h, w, 1), atol=atol, rtol=0)
+    torch.testing.assert_close(out["weights"], ref["weights"].view(1, h, w, -1), atol=atol, rtol=0)
+    if "normal" in ref:
+        torch.testing.assert_close(out["comp_normal"], ref["normal"].view(1, h, w, 3), atol=atol, rtol=0)
+
+
+def test_eval_render_matches_the_uncompacted_reference():
+    ren, geo = build(grid={"resolution": 16})
+    c2w, ro, rd = camera(10, 10)
+    ren.train()
+    ren.do_update_step(0, 0)  # an initialised grid: about a third of the samples are skipped
+    ren.eval()
+    with torch.no_grad():
+        out = ren(ro, rd, c2w=c2w, light_positions=torch.ones(1, 3), shading="lambertian")
+        ref = reference_render(ren, *_flat(ro, rd), lp=torch.ones(100, 3), shading="lambertian", output_normal=True)
+    assert 0 < ref["n_live"] < 0.8 * 100 * 64
+    assert int(ren.last_stats["n_evaluated"]) == ref["n_live"]
+    _compare(out, ref, 10, 10, 1e-5)
+
+
+def test_training_steps_match_the_uncompacted_reference():
+    """Six Adam steps with grid updates every second step; each step's render and every parameter
+    gradient equals the reference's computed from the same parameters and random numbers. The
+    fixed-size sample buffers (what runs on a GPU: margin 1.5) are used on CPU here too."""
+    ren, geo = build(grid={"resolution": 16, "update_every": 2}, sample_capacity_margin=1.5)
+    ren.train()
+    lights = torch.tensor([[1.0, 1.0, 1.0]])
+    opt = torch.optim.Adam(geo.parameters(), lr=1e-2)
+    evaluated = []
+    for step in range(6):
+        ren.do_update_step(0, step)
+        c2w = spherical_c2w(torch.tensor([10.0 + 5 * step]), torch.tensor([30.0 * step]), torch.tensor([1.0]))
+        ro, rd = get_rays(c2w, 8, 8, 60.0)
+        shading = "lambertian" if step % 2 else "albedo"
+        torch.manual_seed(100 + step)
+        ref = reference_render(ren, *_flat(ro, rd), lp=lights.expand(64, 3), shading=shading,
+                               output_normal=shading != "albedo")
+        (ref["rgb"] - 0.3).abs().mean().add(ref["opacity"].mean()).backward()
+        ref_grads = [p.grad.clone() for p in geo.parameters()]
+        opt.zero_grad()
+        torch.manual_seed(100 + step)
+        out = ren(ro, rd, c2w=c2w, light_positions=lights, shading=shading)
+        (out["comp_rgb_fg"] - 0.3).abs().mean().add(out["opacity"].mean()).backward()
+        _compare(out, ref, 8, 8, 1e-5)
+        for p, gr in zip(geo.parameters(), ref_grads):
+            torch.testing.assert_close(p.grad, gr, atol=1e-6, rtol=1e-4)
+        evaluated.append((ref["n_live"], ren.last_stats["n_slots"]))
+        assert int(ren.last_stats["n_evaluated"]) == ref["n_live"] and int(ren.last_stats["n_dropped"]) == 0
+        opt.step()
+        opt.zero_grad()
+    # from the second grid update on (step 2), the final pass's buffer holds 1.5 x the peak occupied
+    # fraction of the renders since the previous update, rounded up to 1/32, instead of all 4096 samples
+    def slots(a, b):
+        return math.ceil(32 * 1.5 * max(evaluated[a][0], evaluated[b][0]) / 4096) * 4096 // 32
+
+    assert [n for _, n in evaluated] == [4096, 4096, slots(0, 1), slots(0, 1), slots(2, 3), slots(2, 3)]
+    assert slots(0, 1) <= 1024 and ren.sample_buffers.fraction["coarse"] < 0.5
+
+
+def _train_render_loss(ren, ro, rd, c2w, shading="lambertian"):
+    out = ren(ro, rd, c2w=c2w, light_positions=torch.ones(1, 3), shading=shading)
+    loss = (out["comp_rgb"] - 0.5).abs().mean() + out["opacity"].mean() + out["depth"].mean()
+    loss.backward()
+    return out
+
+
+@pytest.mark.parametrize("shading", ["albedo", "lambertian"])
+def test_training_render_and_backward_make_no_host_sync(shading):
+    from it3d.core.profiling import count_syncs
+
+    ren, geo = build(grid={"resolution": 16, "update_every": 2}, sample_capacity_margin=1.5)
+    c2w, ro, rd = camera(8, 8)
+    ren.train()
+    counts = []
+    for step in range(4):
+        with count_syncs() as s:
+            ren.do_update_step(0, step)
+        counts.append(s.count)
+        with count_syncs() as s:
+            _train_render_loss(ren, ro, rd, c2w, shading)
+        assert s.count == 0 and s.uploads == 0, s.report()
+    # grid updates: none at step 0 (no render measured yet), one read of the peaks at step 2
+    assert counts == [0, 0, 1, 0]
+    assert ren.sample_buffers.fraction["fine"] < 0.5 and ren.last_stats["n_slots"] < ren.last_stats["n_samples"]
+    # eval sizes its buffers exactly: one read per pass and chunk (2 passes x 2 chunks)
+    ren.eval()
+    ren.cfg.eval_chunk_size = 32
+    with torch.no_grad(), count_syncs() as s:
+        ren(ro, rd, c2w=c2w, shading="albedo")
+    assert s.count == 4 and all("sample_buffers.py" in k and k.endswith(" item") for k in s.by_site())
+
+
+def test_overflowing_sample_buffer_is_reported_and_grows(caplog):
+    ren, geo = build(grid={"resolution": 16, "update_every": 2}, sample_capacity_margin=1.5)
+    c2w, ro, rd = camera(8, 8)
+    ren.train()
+    ren.do_update_step(0, 0)
+    ren.sample_buffers.fraction = {"coarse": 1 / 32, "fine": 1 / 32}  # 128 slots for ~450 occupied samples
+    out = _train_render_loss(ren, ro, rd, c2w, "albedo")
+    dropped = int(ren.last_stats["n_dropped"])
+    torch.manual_seed(0)
+    ren.eval()
+    with torch.no_grad():
+        full = ren(ro, rd, c2w=c2w, shading="albedo")
+    live = int(ren.last_stats["n_evaluated"])
+    # the overflow is the occupied samples past slot 128 of the final pass (plus those of the coarse pass)
+    assert dropped >= live - 128 > 0
+    # the first rays keep their samples, the last ones render as empty space
+    torch.testing.assert_close(out["opacity"][0, 0], full["opacity"][0, 0], atol=1e-5, rtol=0)
+    assert float(full["opacity"][0, 4, 4, 0]) > 0.9 and float(out["opacity"][0, 4, 4, 0].detach()) < 1e-4
+    ren.train()
+    with caplog.at_level("WARNING", logger="it3d"):
+        ren.do_update_step(0, 2)
+    assert f"renderer: {dropped} occupied samples did not fit the fixed-size training buffers" in caplog.text
+    assert "rendered as empty space" in caplog.text and "sample_capacity_margin" in caplog.text
+    assert ren.sample_buffers.fraction["fine"] >= 1.5 * live / 4096
+    out = _train_render_loss(ren, ro, rd, c2w, "albedo")
+    assert int(ren.last_stats["n_dropped"]) == 0
+
+
+def test_auto_margin_is_exact_on_cpu_and_bad_margins_fail():
+    from it3d.core.config import ConfigError
+    from it3d.core.profiling import count_syncs
+
+    ren, geo = build(grid={"resolution": 16, "update_every": 2})  # sample_capacity_margin: auto
+    c2w, ro, rd = camera(8, 8)
+    ren.train()
+    for step in range(3):
+        ren.do_update_step(0, step)
+        with count_syncs() as s:
+            _train_render_loss(ren, ro, rd, c2w, "albedo")
+    # on CPU tensors auto sizes every buffer to its count (a host read per pass costs nothing there)
+    assert ren.last_stats["n_slots"] == int(ren.last_stats["n_evaluated"]) < ren.last_stats["n_samples"]
+    assert s.count == 2 and all("sample_buffers.py" in k for k in s.by_site())
+    for bad in (0.5, "often"):
+        with pytest.raises(ConfigError, match="sample_capacity_margin: expected auto, 0 .exact. or a number >= 1"):
+            build(sample_capacity_margin=bad)

@@ -9,8 +9,14 @@ synchronisation at every boundary:
     encoding (hash grid), network (MLPs), sampling (ray-box, stratified + importance samples,
     grid lookups), material, compositing, other forward (gather/scatter), backward, optimizer.
 
+It also counts the device->host syncs of one step (``it3d.core.profiling.count_syncs``: the
+render + loss + backward, and the grid update separately) and prints the sample-buffer figures
+(occupied samples / evaluated slots / all samples).
+
     python tests/benchmarks/bench_coarse.py --device cpu --sizes 64 128 --steps 3 [--sparse] [--threads 1]
-    python tests/benchmarks/bench_coarse.py --device cuda --sizes 64 128 256 --steps 20
+    python tests/benchmarks/bench_coarse.py --device cuda --sizes 64 128 256 --steps 20 --encoding-backend triton
+    python tests/benchmarks/bench_coarse.py --src /path/to/other/checkout/custom ...   # before/after: same bench,
+                                                                                       # another version of it3d
 """
 from __future__ import annotations
 
@@ -22,11 +28,25 @@ from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "custom"))
+HERE_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "custom")
+_src = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else HERE_SRC
+sys.path.insert(0, os.path.abspath(_src))
 
 from it3d.core.registry import get  # noqa: E402
 from it3d.data.cameras import get_rays, spherical_c2w  # noqa: E402
 from it3d.renderers import volume as volume_mod  # noqa: E402
+
+
+def _load_profiling():
+    """count_syncs from this checkout (a standalone file), so an older --src can be measured too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_profiling", os.path.join(HERE_SRC, "it3d", "core",
+                                                                                    "profiling.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod.count_syncs
 
 
 class Timers:
@@ -74,12 +94,16 @@ class Timers:
         return _S()
 
 
-def build(device: torch.device, grid_res: int, shading: str):
-    geo = get("geometry", "implicit-volume")({}, path="system.geometry").to(device)
+def build(device: torch.device, grid_res: int, shading: str, encoding_backend: str = "auto", margin=None):
+    enc = {"otype": "HashGrid", "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19,
+           "base_resolution": 16, "max_resolution": 2048, "backend": encoding_backend}
+    geo = get("geometry", "implicit-volume")({"pos_encoding": enc}, path="system.geometry").to(device)
     mat = get("material", "diffuse-light")({"shading_probs": {shading: 1.0}}, path="system.material").to(device)
     bg = get("background", "random-color")({}, path="system.background").to(device)
-    ren = get("renderer", "volume")({"grid": {"resolution": grid_res}}, path="system.renderer",
-                                    geometry=geo, material=mat, background=bg).to(device)
+    rcfg = {"grid": {"resolution": grid_res}}
+    if margin is not None:
+        rcfg["sample_capacity_margin"] = margin
+    ren = get("renderer", "volume")(rcfg, path="system.renderer", geometry=geo, material=mat, background=bg).to(device)
     return geo, mat, bg, ren
 
 
@@ -95,7 +119,7 @@ def instrument(geo, mat, ren, timers: Timers) -> None:
 
 def run(size: int, args, device: torch.device) -> dict:
     torch.manual_seed(0)
-    geo, mat, bg, ren = build(device, args.grid_res, args.shading)
+    geo, mat, bg, ren = build(device, args.grid_res, args.shading, args.encoding_backend, args.sample_capacity_margin)
     for m in (geo, mat, bg, ren):
         m.train()
     opt = torch.optim.Adam(list(geo.parameters()) + list(bg.parameters()), lr=1e-2, eps=1e-15)
@@ -113,11 +137,27 @@ def run(size: int, args, device: torch.device) -> dict:
     target[0, (xx ** 2 + yy ** 2) < 0.3] = torch.tensor([0.8, 0.4, 0.2], device=device)
     lights = torch.tensor([[1.0, 1.0, 2.0]], device=device)
 
-    def step(i: int, timers: Timers = None):
+    def step(i: int, timers: Timers = None, counter=None):
         g = torch.Generator().manual_seed(i)
         elev, azim = float(torch.rand((), generator=g) * 30), float(torch.rand((), generator=g) * 360)
         c2w = spherical_c2w(torch.tensor([elev]), torch.tensor([azim]), torch.tensor([1.0])).to(device)
         ro, rd = get_rays(c2w, size, size, 40.0)
+        if counter is not None:  # count the render + loss + backward only
+            import warnings
+
+            with counter, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if device.type == "cuda":  # the CUDA runtime's own count: one warning per synchronising call
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    out = ren(ro, rd, light_positions=lights, c2w=c2w, shading=args.shading)
+                    (out["comp_rgb"] - target).abs().mean().backward()
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.set_sync_debug_mode("default")
+            counter.cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
+            opt.zero_grad(set_to_none=True)
+            return
         out = ren(ro, rd, light_positions=lights, c2w=c2w)
         loss = (out["comp_rgb"] - target).abs().mean()
         if timers is None:
@@ -133,6 +173,8 @@ def run(size: int, args, device: torch.device) -> dict:
 
     for i in range(args.warmup):
         step(i)
+    if hasattr(ren, "sample_buffers"):  # steady state: sample buffers sized from the warm-up renders' peaks
+        ren.sample_buffers.resize()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -144,13 +186,22 @@ def run(size: int, args, device: torch.device) -> dict:
     dt = (time.perf_counter() - t0) / args.steps
     cpu = (time.process_time() - c0) / args.steps
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    stats = dict(ren.last_stats)
+    stats = {k: int(v) for k, v in ren.last_stats.items()}
+    count_syncs = _load_profiling()
+    counter = count_syncs()
+    step(300, counter=counter)
+    syncs = counter.counter
+    with count_syncs() as update_syncs:
+        ren.do_update_step(0, ren.grid.cfg.update_every * 1000)
     timers = Timers(device)
     instrument(geo, mat, ren, timers)
     for i in range(args.profile_steps):
         step(200 + i, timers)
     return {"size": size, "step_s": dt, "cpu_s": cpu, "steps_per_s": 1.0 / dt, "peak_mb": peak,
-            "grid_update_s": grid_update_s, "stats": stats, "timers": dict(timers.total)}
+            "grid_update_s": grid_update_s, "stats": stats, "timers": dict(timers.total),
+            "syncs": syncs.count, "uploads": syncs.uploads, "update_syncs": update_syncs.count,
+            "cuda_syncs": getattr(counter, "cuda_syncs", 0) if device.type == "cuda" else None,
+            "sync_sites": syncs.by_site()}
 
 
 def rss_peak_mb() -> float:
@@ -164,11 +215,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile-steps", type=int, default=1)
     p.add_argument("--grid-res", type=int, default=None, help="occupancy grid resolution (default 64 CPU, 128 CUDA)")
     p.add_argument("--shading", default="albedo", help="albedo (no normals) or lambertian (analytic normals)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = default)")
+    p.add_argument("--encoding-backend", default="auto", help="hash grid backend: auto | torch | triton | tcnn")
+    p.add_argument("--sample-capacity-margin", default=None,
+                   help="renderer.sample_capacity_margin (default: the renderer's, auto: exact on CPU, 1.5 on GPU)")
+    p.add_argument("--src", default=HERE_SRC, help="the it3d source dir to measure (default: this checkout)")
     p.add_argument("--sparse", action="store_true",
                    help="bias the density down so the occupancy grid skips most samples (a trained scene's case); "
                         "default: the initial blob, whose trunc_exp fog fills the whole box")
@@ -179,7 +234,8 @@ def main() -> None:
     if args.grid_res is None:
         args.grid_res = 128 if device.type == "cuda" else 64
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} grid={args.grid_res}^3 "
-          f"shading={args.shading} steps={args.steps} sparse={args.sparse}")
+          f"shading={args.shading} steps={args.steps} sparse={args.sparse} encoding={args.encoding_backend} "
+          f"src={os.path.abspath(args.src)}")
     _ = volume_mod  # the renderer module the timers instrument
     for size in args.sizes:
         r = run(size, args, device)
@@ -191,8 +247,13 @@ def main() -> None:
         print(f"\n{size}x{size}: {r['steps_per_s']:.3f} steps/s ({r['step_s'] * 1e3:.0f} ms/step wall, "
               f"{r['cpu_s'] * 1e3:.0f} ms process CPU time), {mem}, "
               f"grid update {r['grid_update_s'] * 1e3:.0f} ms, "
-              f"evaluated {s.get('n_evaluated', 0)}/{s.get('n_samples', 0)} "
-              f"samples ({s.get('n_rays', 0)} rays)")
+              f"evaluated {s.get('n_evaluated', 0)} occupied samples in {s.get('n_slots', s.get('n_evaluated', 0))} "
+              f"slots of {s.get('n_samples', 0)} ({s.get('n_rays', 0)} rays, {s.get('n_dropped', 0)} dropped); "
+              f"syncs per step: {r['syncs']} in render+loss+backward ({r['uploads']} uploads), "
+              f"{r['update_syncs']} in a grid update"
+              + ("" if r["cuda_syncs"] is None else f"; CUDA sync-debug warnings in that step: {r['cuda_syncs']}"))
+        for site, n in sorted(r["sync_sites"].items()):
+            print(f"    sync x{n} {site}")
         tot = sum(r["timers"].values())
         for name, v in sorted(r["timers"].items(), key=lambda kv: -kv[1]):
             print(f"  {name:14s} {v / args.profile_steps * 1e3:9.1f} ms  {100 * v / tot:5.1f} %")

@@ -10,7 +10,9 @@ Points lie on a sphere of radius 0.5 seen from distance 1.2 with fovy 60 (the ob
 view, as in the refine stage), 3 scales, radius 1.5 px, 8 points per pixel, the paper-size U-Net
 (channels 32, 64, 128, 256), descriptors of 19 channels.
 Figures: rasterize (3 scales, forward), render forward (rasterize + composite + U-Net), and
-render forward + backward (gradients to descriptors, background, U-Net).
+render forward + backward (gradients to descriptors, background, U-Net), all in training mode
+with the renderer's fixed-size pair buffers sized from the warm-up run (as in training after
+the first resize).
 """
 from __future__ import annotations
 
@@ -67,12 +69,13 @@ def run_case(n: int, size: int, device: str, backend: str, repeats: int, channel
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def raster_only():
+    def raster_only():  # as in a training render: the renderer's fixed-size pair buffers
         with torch.no_grad():
             xy, z = project_points(geo.positions, c2w, fovy, size, size)
             for s, (h, w) in enumerate(scale_sizes(size, size, 3)):
                 rad = 1.5 if s == 0 else max(1.5 * h / size, 0.75)
-                rasterize_projected(scale_coords(xy, size, size, h, w), z, h, w, rad, 8, backend)
+                rasterize_projected(scale_coords(xy, size, size, h, w), z, h, w, rad, 8, backend,
+                                    buffers=r.sample_buffers, key=f"scale{s}")
 
     def forward():
         with torch.no_grad():
@@ -95,11 +98,13 @@ def run_case(n: int, size: int, device: str, backend: str, repeats: int, channel
             torch.cuda.reset_peak_memory_stats()
             base_cuda = torch.cuda.memory_allocated()
         times = []
-        for _ in range(repeats + 1):  # the first run is a warm-up (it still counts for the peak)
+        for i in range(repeats + 1):  # the first run is a warm-up (it still counts for the peak)
             t = time.perf_counter()
             fn()
             sync()
             times.append(time.perf_counter() - t)
+            if i == 0:  # steady state of training: pair buffers sized from the warm-up's measured peaks
+                r.sample_buffers.resize()
         times = times[1:] or times
         res[f"{name}_s"] = round(sorted(times)[len(times) // 2], 3)
         peak = ((torch.cuda.max_memory_allocated() - base_cuda) / 2 ** 20) if dev.type == "cuda" else \

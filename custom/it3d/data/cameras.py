@@ -103,7 +103,7 @@ def get_rays(c2w: Tensor, height: int, width: int, fovy_deg: Number, normalize: 
 
 def world_to_camera(points: Tensor, c2w: Tensor) -> Tensor:
     """(N, 3) world points -> (N, 3) camera-space points (OpenGL: visible points have z < 0)."""
-    w2c = torch.linalg.inv(c2w.float())
+    w2c = torch.linalg.inv_ex(c2w.float()).inverse  # inv_ex: no host-side singularity check (a sync on CUDA)
     return points @ w2c[:3, :3].T + w2c[:3, 3]
 
 

@@ -1,6 +1,23 @@
-"""Multi-resolution hash encoding (Instant-NGP, Müller et al. 2022) in pure PyTorch,
-with tiny-cuda-nn used instead when it is importable, CUDA is available and the config
-allows it (``backend: auto | torch | tcnn``).
+"""Multi-resolution hash encoding (Instant-NGP, Müller et al. 2022): a pure-PyTorch path that runs
+everywhere and is the reference, a fused Triton kernel (forward and backward, same table, compiled
+on first use) and tiny-cuda-nn.
+
+``backend``:
+
+* ``auto`` (default): the Triton kernel for inputs on a CUDA device when ``triton`` is importable
+  (it ships with CUDA builds of torch) and supports the GPU (compute capability 8.0+, or ROCm),
+  the torch path otherwise (CPU, older GPUs, or no Triton);
+* ``torch``: always the torch path;
+* ``triton``: always the kernel (an error on CPU inputs unless ``TRITON_INTERPRET=1``, Triton's
+  slow CPU interpreter that the tests use);
+* ``tcnn``: tiny-cuda-nn's ``Encoding`` (its own parameters, see below).
+
+The choice is made per call from the input's device, and the torch and Triton paths share one
+parameter table, so a checkpoint trained on a GPU loads and renders identically on a CPU. The
+Triton backward gives table and input gradients and is itself differentiable w.r.t. the table
+and the upstream gradient, so analytic normals trained with ``create_graph`` (a normal loss) run
+the kernel too; only second derivatives w.r.t. the input points are not provided (the renderer's
+sample points are constants; the torch path with ``twice_differentiable=True`` has them).
 
 Conventions of the torch backend (the paper's):
 
@@ -30,6 +47,7 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from ..core.config import ConfigError, parse_structured
+from ..core.errors import It3dError
 from ..core.typing import Float, Tensor
 
 PRIMES = (1, 2654435761, 805459861)
@@ -48,7 +66,31 @@ class HashGridConfig:
     max_resolution: int = 2048
     per_level_scale: Optional[float] = None  # derived from max_resolution when None
     init_scale: float = 1.0e-4
-    backend: str = "auto"  # auto (tcnn when importable and CUDA is available) | torch | tcnn
+    backend: str = "auto"  # auto (triton on CUDA inputs when importable, else torch) | torch | triton | tcnn
+
+
+BACKENDS = ("auto", "torch", "triton", "tcnn")
+
+
+def triton_kernels():
+    """The Triton kernel module (imported on first use) or None when Triton is not importable. Triton
+    reads ``TRITON_INTERPRET`` when it is first imported: set it before that to use its CPU interpreter."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__package__}._hash_grid_triton")
+    except ImportError:
+        return None
+
+
+def triton_interpreting() -> bool:
+    mod = triton_kernels()
+    return mod is not None and mod.INTERPRET
+
+
+def _triton_supports(device: torch.device) -> bool:
+    """Triton's supported GPUs: NVIDIA compute capability 8.0+ (its README) or ROCm."""
+    return torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def tcnn_available() -> bool:
@@ -72,8 +114,8 @@ class HashGridEncoding(nn.Module):
             raise ConfigError(f"{path}: the hash grid encodes 3-D points, got n_input_dims={n_input_dims}")
         if c.n_levels < 1 or c.base_resolution < 1 or c.max_resolution < c.base_resolution:
             raise ConfigError(f"{path}: need n_levels >= 1 and 1 <= base_resolution <= max_resolution")
-        if c.backend not in ("auto", "torch", "tcnn"):
-            raise ConfigError(f"{path}.backend: expected auto, torch or tcnn, got '{c.backend}'")
+        if c.backend not in BACKENDS:
+            raise ConfigError(f"{path}.backend: expected one of {', '.join(BACKENDS)}, got '{c.backend}'")
         self.n_input_dims = 3
         self.n_output_dims = c.n_levels * c.n_features_per_level
         if c.per_level_scale is not None:
@@ -94,11 +136,20 @@ class HashGridEncoding(nn.Module):
             offsets.append(offsets[-1] + s)
         self.level_offsets = offsets
 
-        use_tcnn = c.backend == "tcnn" or (c.backend == "auto" and tcnn_available())
-        self.backend = "tcnn" if use_tcnn else "torch"
-        if use_tcnn:
+        self.path = path
+        if c.backend == "tcnn":
+            self.backend = "tcnn"
             self._tcnn = _make_tcnn(c, self.per_level_scale, path)
             return
+        if c.backend == "triton" and triton_kernels() is None:
+            raise ConfigError(f"{path}.backend=triton but triton cannot be imported (it ships with CUDA builds of "
+                              f"torch; pip install triton); use backend: auto or torch")
+        # what runs on CUDA inputs (CPU inputs take the torch path unless backend is triton)
+        self.backend = "torch" if c.backend == "torch" or (c.backend == "auto" and not (
+            torch.cuda.is_available() and triton_kernels() is not None)) else "triton"
+        if c.n_features_per_level & (c.n_features_per_level - 1) and c.backend == "triton":
+            raise ConfigError(f"{path}: the triton backend needs n_features_per_level a power of 2, "
+                              f"got {c.n_features_per_level}")
         table = torch.empty(offsets[-1], c.n_features_per_level).uniform_(-c.init_scale, c.init_scale)
         self.params = nn.Parameter(table)
         # per-group constants (dense levels first: resolutions grow with the level)
@@ -109,6 +160,7 @@ class HashGridEncoding(nn.Module):
         self.register_buffer("_offsets", torch.tensor(offsets[:-1], dtype=torch.int64), persistent=False)
         stride = torch.tensor([[1, r + 1, (r + 1) ** 2] for r in self.resolutions], dtype=torch.int64)
         self.register_buffer("_stride", stride, persistent=False)
+        self.register_buffer("_dense", torch.tensor(self.dense, dtype=torch.int32), persistent=False)
 
     def forward(self, x: Float[Tensor, "N 3"], twice_differentiable: bool = False) -> Float[Tensor, "N F"]:
         """``twice_differentiable``: build a graph that can be differentiated twice (analytic
@@ -116,7 +168,29 @@ class HashGridEncoding(nn.Module):
         with record_function("it3d::encoding"):
             if self.backend == "tcnn":
                 return self._tcnn(x.clamp(0.0, 1.0)).float()
+            if self._use_triton(x, twice_differentiable):
+                return self._forward_triton(x)
             return self._forward_torch(x, twice_differentiable)
+
+    # ------------------------------------------------------------------ triton backend
+    def _use_triton(self, x: Tensor, twice: bool) -> bool:
+        mode = self.cfg.backend
+        f = self.cfg.n_features_per_level
+        if mode == "torch" or f & (f - 1):
+            return False
+        if x.is_cuda:
+            return triton_kernels() is not None and (mode == "triton" or _triton_supports(x.device))
+        if mode == "triton":
+            if not triton_interpreting():
+                raise It3dError(f"{self.path}.backend=triton: the kernel runs on CUDA inputs, got {x.device.type} "
+                                f"(use backend: auto or torch, or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+            return True
+        return False
+
+    def _forward_triton(self, x: Tensor) -> Tensor:
+        k = triton_kernels()
+        return k.TritonHashGrid.apply(x.float().contiguous(), self.params, self._res, self._offsets, self._dense,
+                                      self.table_size - 1)
 
     # ------------------------------------------------------------------ torch backend
     def _forward_torch(self, x: Tensor, twice: bool) -> Tensor:

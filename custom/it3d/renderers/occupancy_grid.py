@@ -7,6 +7,10 @@ maximum, decay 0.95). A cell is occupied when a render step through it would be 
 ``1 - exp(-d * step_size) > alpha_threshold`` with ``step_size`` the renderer's uniform sample
 spacing; the occupied set is then dilated by ``dilation`` cells so a cell whose one jittered
 sample missed a thin surface is not skipped. Until the first update every cell is occupied.
+
+Nothing here reads a tensor on the host: "before the first update" is the ``initialized`` buffer
+used inside the tensor expressions (``torch.where``), so a training step that queries or updates
+the grid never waits for the device (and the state survives a checkpoint).
 """
 from __future__ import annotations
 
@@ -60,10 +64,10 @@ class OccupancyGrid(nn.Module):
 
     def query(self, points: Float[Tensor, "N 3"]) -> Bool[Tensor, "N"]:
         """True where the point lies in an occupied cell (all True before the first update or when disabled)."""
-        if not self.enabled or not bool(self.initialized):
+        if not self.enabled:
             return torch.ones(points.shape[0], dtype=torch.bool, device=points.device)
         inside = (points.abs() <= self.radius).all(-1)
-        return self.occupied.reshape(-1)[self.cell_index(points)] & inside
+        return (self.occupied.reshape(-1)[self.cell_index(points)] & inside) | ~self.initialized
 
     def occupied_fraction(self) -> float:
         return float(self.occupied.float().mean())
@@ -80,10 +84,7 @@ class OccupancyGrid(nn.Module):
         pts = (cells + offset) / r * (2 * self.radius) - self.radius
         new = torch.cat([density_fn(c).reshape(-1) for c in torch.split(pts, self.cfg.chunk_size)]).reshape(r, r, r)
         new = torch.nan_to_num(new.float(), nan=0.0, posinf=1e6).clamp_min(0.0)
-        if bool(self.initialized):
-            self.density.copy_(torch.maximum(self.density * self.cfg.ema_decay, new))
-        else:
-            self.density.copy_(new)
+        self.density.copy_(torch.where(self.initialized, torch.maximum(self.density * self.cfg.ema_decay, new), new))
         alpha = 1.0 - torch.exp(-self.density * self.step_size)
         occ = alpha > self.cfg.alpha_threshold
         d = self.cfg.dilation

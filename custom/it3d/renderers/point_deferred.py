@@ -13,9 +13,17 @@ up-sampled to H x W, and a gated-convolution U-Net turns their concatenation int
 * The point radius is in pixels at full resolution; at a coarser scale it is scaled with the
   image (same size in the world) but never below ``min_radius`` so every point still reaches
   the pixel it falls in.
+* No host sync in training: the (pixel, point) pairs of each scale are gathered into a buffer of
+  fixed size (:mod:`.sample_buffers`), all candidate pairs until measured, then every
+  ``resize_every`` training steps ``fragment_capacity_margin`` x the largest fraction measured
+  since (one host read then). Pairs past it are left out and reported by a warning at the next
+  resize, which enlarges the buffer. ``fragment_capacity_margin``: ``auto`` = 1.25 on an
+  accelerator, exact on CPU tensors; ``0`` = exact everywhere (one sync per scale); eval renders
+  always size exactly.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -29,6 +37,7 @@ from ..core.registry import register
 from ..core.typing import Float, Tensor
 from .gated_unet import GatedUNet
 from .point_rasterizer import composite, project_points, rasterize_projected, scale_coords
+from .sample_buffers import CompactionBuffers
 
 
 def scale_sizes(height: int, width: int, num_scales: int) -> List[tuple]:
@@ -49,6 +58,8 @@ class PointDeferredRenderer(BaseRenderer):
         rgb_skip: bool = True
         bg_init: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # RGB of the background descriptor
         bg_feature_init: float = 1.0  # its other channels (the points' start near 0): empty pixels stand out
+        fragment_capacity_margin: Any = "auto"  # pair buffer / peak fraction: auto (exact on CPU, 1.25 else) | 0 | >= 1
+        resize_every: int = 16  # training steps between buffer resizes (one host read each)
 
     cfg: Config
 
@@ -59,6 +70,13 @@ class PointDeferredRenderer(BaseRenderer):
             raise It3dError(f"system.renderer.backend: unknown backend '{self.cfg.backend}' (torch, pytorch3d, auto)")
         if self.cfg.num_scales < 1:
             raise It3dError("system.renderer.num_scales must be >= 1")
+        c = self.cfg
+        if c.resize_every < 1:
+            raise It3dError(f"system.renderer.resize_every must be >= 1, got {c.resize_every}")
+        self.sample_buffers = CompactionBuffers(c.fragment_capacity_margin, "point fragments",
+                                                "left out of their pixels", "system.renderer.fragment_capacity_margin",
+                                                auto_margin=1.25)
+        self._last_resize = -1
         self._geometry = [geometry]  # a list: not a sub-module (the system owns it; no duplicate parameters)
         dim = geometry.cfg.descriptor_dim
         bg = torch.zeros(dim)
@@ -71,6 +89,14 @@ class PointDeferredRenderer(BaseRenderer):
     def geometry(self):
         return self._geometry[0]
 
+    def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
+        if not self.training or on_load_weights or global_step % self.cfg.resize_every or global_step == self._last_resize:
+            return
+        self._last_resize = global_step
+        msg = self.sample_buffers.resize()
+        if msg:
+            logging.getLogger("it3d").warning(f"point renderer: {msg}")
+
     def forward(self, c2w: Float[Tensor, "B 4 4"], fovy: Union[Float[Tensor, "B"], float], height: int, width: int,
                 bg_color: Optional[Float[Tensor, "3"]] = None, **kwargs: Any) -> Dict[str, Any]:
         """Render B views. ``bg_color``: when given, pixels that no point reaches are set to it.
@@ -82,14 +108,18 @@ class PointDeferredRenderer(BaseRenderer):
         geo = self.geometry
         if geo.num_points == 0:
             raise It3dError("point-deferred renderer: the point cloud is empty (build it or load a checkpoint)")
-        fovy = torch.as_tensor(fovy, dtype=torch.float32, device=c2w.device).reshape(-1).expand(c2w.shape[0])
+        if torch.is_tensor(fovy):
+            fovy = fovy.to(device=c2w.device, dtype=torch.float32).reshape(-1).expand(c2w.shape[0])
+        else:  # filled on the device: no upload of a Python number per call
+            fovy = torch.full((c2w.shape[0],), float(fovy), dtype=torch.float32, device=c2w.device)
         xy, z = project_points(geo.positions, c2w, fovy, height, width)
         feats, ups = [], []
         opacity = alpha = depth = None
         for s, (h, w) in enumerate(scale_sizes(height, width, self.cfg.num_scales)):
             r = self.cfg.radius if s == 0 else max(self.cfg.radius * h / height, self.cfg.min_radius)
             frags = rasterize_projected(scale_coords(xy, height, width, h, w), z, h, w, r,
-                                        self.cfg.points_per_pixel, self.cfg.backend)
+                                        self.cfg.points_per_pixel, self.cfg.backend,
+                                        buffers=self.sample_buffers if self.training else None, key=f"scale{s}")
             fmap, a, occ = composite(frags, geo.descriptors, r, self.background)
             feats.append(fmap)
             up = fmap.permute(0, 3, 1, 2)

@@ -7,10 +7,16 @@ alpha-composited front to back over a background feature:
 
     out = sum_k a_k prod_{j<k} (1 - a_j) f_k + prod_k (1 - a_k) f_bg
 
-All of it is vectorised: every point is splatted to the (2R+1)^2 pixels of its window
-(R = ceil(radius)) in chunks of points, the fragments are sorted once by (pixel, depth)
-with a single int64 key, and the first ``k`` of each pixel are scattered into a dense
-(B, H, W, k) buffer. Nothing loops over points.
+All of it is vectorised: every point of every view is tested against the pixels of its window
+(the floor(2r) + 1 columns and rows whose centres can lie inside the disc); the (pixel, point)
+pairs inside the disc, the image and the view frustum are gathered into a buffer
+(:mod:`.sample_buffers`), sorted once by (pixel, depth) with a single int64 key (stable: equal
+keys keep the (view, point, offset) order), and the first ``k`` of each pixel are scattered into
+a dense (B, H, W, k) buffer. Nothing loops over points. Given ``buffers`` (the deferred renderer's,
+in training) the pair buffer has a fixed size and nothing reads a count back from the device
+(no ``nonzero``, no ``.item()``): a training step through it never waits for the GPU, and the
+sort stays as small as the pairs that exist. Without them the buffer is sized exactly (one host
+read).
 
 Positions are treated as fixed (no gradient to them); gradients flow to the per-point
 features and the background feature. :class:`WeightedGather` does the compositing sum
@@ -19,13 +25,14 @@ without keeping the (B, H, W, k, C) gathered features for the backward pass.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..core.errors import It3dError
 from ..core.typing import Float, Int, Tensor
 from ..data.cameras import project
+from .sample_buffers import CompactionBuffers
 
 _DEPTH_BITS = 31
 
@@ -47,70 +54,80 @@ def project_points(points: Float[Tensor, "N 3"], c2w: Float[Tensor, "B 4 4"], fo
     return torch.stack(xys), torch.stack(zs)
 
 
-def _splat(xy: Tensor, z: Tensor, height: int, width: int, radius: float, near: float, chunk: int):
-    """All (pixel, point) pairs with the pixel centre inside the point's disc.
-
-    Returns flat pixel ids (in [0, B*H*W)), point ids, squared distances and depths.
-    """
+def _candidates(xy: Tensor, z: Tensor, height: int, width: int, radius: float, near: float):
+    """Every (view, point, window offset) candidate -> flat pixel id (B*H*W where the pixel centre is
+    not inside the point's disc, outside the image, or the point is culled), squared distance, validity.
+    Shapes (B, N, T) with T = (2 ceil(radius) + 1)^2."""
     bsz, n = z.shape
-    rr = int(math.ceil(radius))
-    off = torch.arange(-rr, rr + 1, device=xy.device)
+    # centres j + 0.5 inside (x - r, x + r): j from ceil(x - r - 0.5), at most floor(2r) + 1 of them
+    span = int(math.floor(2 * radius)) + 1
+    off = torch.arange(span, device=xy.device)
     oy, ox = torch.meshgrid(off, off, indexing="ij")
     oy, ox = oy.reshape(-1), ox.reshape(-1)  # T offsets
-    r2 = radius * radius
-    pix_all, pt_all, d2_all, z_all = [], [], [], []
-    for b in range(bsz):
-        ok = (z[b] > near) & (xy[b, :, 0] > -radius) & (xy[b, :, 0] < width + radius) \
-            & (xy[b, :, 1] > -radius) & (xy[b, :, 1] < height + radius)
-        ids = torch.nonzero(ok).squeeze(1)
-        for s in range(0, ids.numel(), chunk):
-            pid = ids[s:s + chunk]
-            x, y = xy[b, pid, 0], xy[b, pid, 1]
-            cx = torch.floor(x).long()[:, None] + ox  # candidate pixel columns, (n, T)
-            cy = torch.floor(y).long()[:, None] + oy
-            d2 = (cx.to(x.dtype) + 0.5 - x[:, None]) ** 2 + (cy.to(y.dtype) + 0.5 - y[:, None]) ** 2
-            keep = (d2 < r2) & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
-            rows, cols = torch.nonzero(keep, as_tuple=True)
-            pix_all.append(b * height * width + cy[rows, cols] * width + cx[rows, cols])
-            pt_all.append(pid[rows])
-            d2_all.append(d2[rows, cols])
-            z_all.append(z[b, pid[rows]])
-    if not pix_all:
-        empty = torch.zeros(0, device=xy.device)
-        return empty.long(), empty.long(), empty, empty
-    return torch.cat(pix_all), torch.cat(pt_all), torch.cat(d2_all), torch.cat(z_all)
+    x, y = xy[..., 0], xy[..., 1]
+    ok = (z > near) & (x > -radius) & (x < width + radius) & (y > -radius) & (y < height + radius)
+    # culled points may project anywhere (inf, nan): give them a harmless position before the integer cast
+    x, y = torch.where(ok, x, torch.zeros_like(x)), torch.where(ok, y, torch.zeros_like(y))
+    cx = torch.ceil(x - radius - 0.5).long()[..., None] + ox  # candidate pixel columns, (B, N, T)
+    cy = torch.ceil(y - radius - 0.5).long()[..., None] + oy
+    d2 = (cx.to(x.dtype) + 0.5 - x[..., None]) ** 2 + (cy.to(y.dtype) + 0.5 - y[..., None]) ** 2
+    keep = ok[..., None] & (d2 < radius * radius) & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+    npix = bsz * height * width
+    base = torch.arange(bsz, device=xy.device).view(bsz, 1, 1) * (height * width)
+    pix = torch.where(keep, base + cy * width + cx, torch.full_like(cx, npix))
+    return pix, d2, keep
+
+
+EXACT = CompactionBuffers(0.0, "point fragments", "left out of their pixels", "")  # sized exactly, one host read
 
 
 def rasterize_torch(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height: int, width: int, radius: float,
-                    k: int, near: float = 1e-4, chunk: int = 1 << 18) -> Fragments:
-    """Rasterize projected points (pixel coordinates + depth) into per-pixel fragment lists."""
+                    k: int, near: float = 1e-4, buffers: Optional[CompactionBuffers] = None,
+                    key: str = "fragments") -> Fragments:
+    """Rasterize projected points (pixel coordinates + depth) into per-pixel fragment lists. ``buffers``:
+    fixed-size pair buffers (entry ``key``) for a sync-free training step; default exact."""
     if radius <= 0 or k < 1:
         raise It3dError(f"point rasterizer: radius must be > 0 and k >= 1 (got radius={radius}, k={k})")
-    bsz = z.shape[0]
+    bsz, n = z.shape
     npix = bsz * height * width
     device = xy.device
-    with torch.no_grad():
-        pix, pt, d2, dep = _splat(xy.detach(), z.detach(), height, width, float(radius), near, chunk)
-        idx = torch.full((npix, k), -1, dtype=torch.long, device=device)
-        dist2 = torch.zeros(npix, k, device=device)
-        depth = torch.full((npix, k), float("inf"), device=device)
-        if pix.numel() > 0:
-            lo, hi = dep.min().double(), dep.max().double()
-            top = (1 << _DEPTH_BITS) - 1  # float32 would round this up to 2^31 and spill into the pixel bits
-            q = ((dep.double() - lo) / (hi - lo).clamp_min(1e-12) * top).long().clamp_(0, top)
-            key = (pix << _DEPTH_BITS) | q  # one sort orders by pixel, then by depth
-            key, order = torch.sort(key)
-            spix = key >> _DEPTH_BITS
-            first = torch.searchsorted(spix, spix)  # index of the first fragment of each pixel
-            rank = torch.arange(spix.numel(), device=device) - first
-            sel = rank < k
-            o = order[sel]
-            p, r = spix[sel], rank[sel]
-            idx[p, r] = pt[o]
-            dist2[p, r] = d2[o].float()
-            depth[p, r] = dep[o].float()
     shape = (bsz, height, width, k)
-    return Fragments(idx.view(shape), dist2.view(shape), depth.view(shape))
+    if n == 0:  # no points: every slot empty
+        return Fragments(torch.full(shape, -1, dtype=torch.long, device=device), torch.zeros(shape, device=device),
+                         torch.full(shape, float("inf"), device=device))
+    with torch.no_grad():
+        pix, d2, keep = _candidates(xy.detach(), z.detach(), height, width, float(radius), near)
+        t = pix.shape[-1]
+        # depths quantised to 31 bits over the range of the points with a kept candidate (in double:
+        # float32 would round the top to 2^31 and spill into the pixel bits)
+        dep, used = z.detach(), keep.any(-1)
+        lo = torch.where(used, dep, torch.full_like(dep, float("inf"))).amin().double()
+        hi = torch.where(used, dep, torch.full_like(dep, -float("inf"))).amax().double()
+        top = (1 << _DEPTH_BITS) - 1
+        q = (dep.double() - lo) / (hi - lo).clamp_min(1e-12) * top
+        q = torch.where(used, q, torch.zeros_like(q)).long().clamp_(0, top)
+        # the pairs inside the disc, in (view, point, offset) order; unused buffer slots hold pix.numel()
+        slot, _, _ = (EXACT if buffers is None else buffers).compact(keep, key, exact=buffers is None)
+        src = slot.clamp_max(pix.numel() - 1)
+        spix = torch.where(slot < pix.numel(), pix.reshape(-1)[src], torch.full_like(src, npix))
+        cand = src // t  # flat (view, point) of each pair
+        skey, order = torch.sort((spix << _DEPTH_BITS) | q.reshape(-1)[cand], stable=True)  # pixel, then depth
+        del pix, keep
+        spix = skey >> _DEPTH_BITS
+        first = torch.searchsorted(spix, spix)  # index of the first fragment of each pixel
+        rank = torch.arange(spix.numel(), device=device) - first
+        sel = (rank < k) & (spix < npix)
+        # the first k of each pixel go to their slots; everything else to a discarded extra row
+        p = torch.where(sel, spix, torch.full_like(spix, npix))
+        r = torch.where(sel, rank, torch.zeros_like(rank))
+        cand, src = cand[order], src[order]
+        idx = torch.full((npix + 1, k), -1, dtype=torch.long, device=device)
+        dist2 = torch.zeros(npix + 1, k, device=device)
+        depth = torch.full((npix + 1, k), float("inf"), device=device)
+        idx[p, r] = cand % n
+        dist2[p, r] = d2.reshape(-1)[src].float()
+        depth[p, r] = z.detach().reshape(-1)[cand].float()
+    return Fragments(idx[:npix].view(shape), dist2[:npix].view(shape), depth[:npix].view(shape))
 
 
 def rasterize_pytorch3d(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height: int, width: int,
@@ -149,12 +166,13 @@ def pytorch3d_available() -> bool:
 
 
 def rasterize_projected(xy: Float[Tensor, "B N 2"], z: Float[Tensor, "B N"], height: int, width: int, radius: float,
-                        k: int, backend: str = "torch") -> Fragments:
+                        k: int, backend: str = "torch", buffers: Optional[CompactionBuffers] = None,
+                        key: str = "fragments") -> Fragments:
     """Rasterize already-projected points with the chosen backend (auto: pytorch3d on CUDA when installed)."""
     if backend == "auto":
         backend = "pytorch3d" if xy.is_cuda and pytorch3d_available() else "torch"
     if backend == "torch":
-        return rasterize_torch(xy, z, height, width, radius, k)
+        return rasterize_torch(xy, z, height, width, radius, k, buffers=buffers, key=key)
     if backend == "pytorch3d":
         return rasterize_pytorch3d(xy, z, height, width, radius, k)
     raise It3dError(f"point rasterizer: unknown backend '{backend}' (expected auto, torch or pytorch3d)")
@@ -170,7 +188,7 @@ def rasterize(points: Float[Tensor, "N 3"], c2w: Float[Tensor, "B 4 4"], fovy: F
 def scale_coords(xy: Float[Tensor, "B N 2"], height: int, width: int, out_h: int, out_w: int) -> Float[Tensor, "B N 2"]:
     """Pixel coordinates at ``height`` x ``width`` -> those of an ``out_h`` x ``out_w`` image over the same
     field (the grid bilinear up-sampling with align_corners=False maps back onto the full image)."""
-    return xy * torch.tensor([out_w / width, out_h / height], device=xy.device, dtype=xy.dtype)
+    return torch.stack([xy[..., 0] * (out_w / width), xy[..., 1] * (out_h / height)], -1)
 
 
 # ---------------------------------------------------------------------------- compositing
@@ -198,9 +216,10 @@ class WeightedGather(torch.autograd.Function):
             for j in range(idx.shape[1]):
                 grad_w[:, j] = (grad_out * feats[safe[:, j]]).sum(-1)
             grad_w = grad_w * valid
-        if ctx.needs_input_grad[1]:
-            p, j = torch.nonzero(valid, as_tuple=True)
-            grad_f = torch.zeros_like(feats).index_add_(0, idx[p, j], w[p, j, None] * grad_out[p])
+        if ctx.needs_input_grad[1]:  # w is 0 in empty slots: they add nothing to row 0
+            grad_f = torch.zeros_like(feats)
+            for j in range(idx.shape[1]):
+                grad_f.index_add_(0, safe[:, j], w[:, j:j + 1] * grad_out)
         return grad_w, grad_f, None
 
 
@@ -210,10 +229,6 @@ def composite(frags: Fragments, feats: Float[Tensor, "N C"], radius: float, back
     Returns (features B H W C, alpha B H W 1 = 1 - final transmittance, occupancy B H W 1 in {0, 1}).
     """
     bsz, h, w, k = frags.idx.shape
-    used = max(1, int((frags.idx >= 0).sum(-1).max())) if frags.idx.numel() else k
-    if used < k:  # slots fill front to back: drop the trailing ones no pixel uses
-        frags = Fragments(*(t[..., :used] for t in frags))
-        k = used
     valid = frags.idx >= 0
     alpha = torch.where(valid, (1.0 - frags.dist2 / (radius * radius)).clamp(0.0, 1.0), torch.zeros_like(frags.dist2))
     alpha = alpha.to(feats.dtype).reshape(-1, k)

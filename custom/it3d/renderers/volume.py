@@ -18,11 +18,26 @@ magnitude <= opacity, not renormalised) when normals are computed, ``weights``, 
 Normals are computed when ``output_normal`` says so, else per ``compute_normals``: ``auto`` =
 when the shading needs them or in eval mode, ``always``, ``never``.
 
+Sample buffers (no host sync in training). The occupied samples are gathered into buffers of
+fixed size (:mod:`.sample_buffers`: ``nonzero_static`` instead of ``nonzero``), one per pass
+(coarse density pass, final pass), so a training step never reads a count back from the device
+and keeps static shapes (CUDA graphs / ``torch.compile`` can capture it). A buffer holds all R x S
+samples until it has been measured; at each grid update it is resized to
+``sample_capacity_margin`` x the largest occupied fraction of the training renders since the
+previous update (one host read every ``grid.update_every`` steps, outside the render). Unused
+slots evaluate a dummy point whose result is discarded. Occupied samples past the buffer (the
+last rays') render as empty space; they are counted on the device and reported by a warning at
+the next update, which enlarges the buffer. ``sample_capacity_margin``: ``auto`` (default) = 1.5
+on an accelerator and exact sizing on CPU tensors (where reading a count costs nothing and
+unused slots would cost compute); ``0`` = exact sizing everywhere (one host sync per pass, never
+drops); a number >= 1 = that margin everywhere. Eval renders always size exactly.
+
 nerfacc is not used: its CUDA estimator would replace :meth:`VolumeRenderer._sample` and the
 gather step behind the same interface; the pure-PyTorch path is what runs everywhere.
 """
 from __future__ import annotations
 
+import logging
 import math
 import types
 from dataclasses import dataclass, field
@@ -38,6 +53,7 @@ from ..core.registry import register
 from ..core.typing import Bool, Float, Tensor
 from ..materials.diffuse_light import NEEDS_NORMAL
 from .occupancy_grid import OccupancyGrid, OccupancyGridConfig
+from .sample_buffers import CompactionBuffers
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -91,9 +107,11 @@ def sample_pdf(bins: Float[Tensor, "R N1"], weights: Float[Tensor, "R N"], n_sam
     return (b0 + (u - c0) / denom * (b1 - b0)).detach()
 
 
-def _scatter(mask_idx: Tensor, values: Tensor, total: int) -> Tensor:
-    """Rows ``values`` placed at flat positions ``mask_idx`` of a zero (total, C) tensor (differentiable)."""
-    return values.new_zeros(total, values.shape[-1]).index_copy(0, mask_idx, values)
+def _scatter(slot_idx: Tensor, values: Tensor, total: int) -> Tensor:
+    """Rows ``values`` placed at flat positions ``slot_idx`` of a zero (total, C) tensor (differentiable);
+    slots holding ``total`` (unused buffer slots) land in a discarded extra row."""
+    return values.new_zeros(total + 1, values.shape[-1]).index_copy(0, slot_idx, values)[:total]
+
 
 
 # ----------------------------------------------------------------------------- renderer
@@ -108,6 +126,7 @@ class VolumeRenderer(BaseRenderer):
         eval_chunk_size: int = 4096  # rays per chunk in eval mode
         compute_normals: str = "auto"  # auto | always | never
         grid: dict = field(default_factory=dict)  # OccupancyGridConfig
+        sample_capacity_margin: Any = "auto"  # buffer / peak occupied fraction: auto (exact on CPU, 1.5 else) | 0 | >= 1
         backend: str = "torch"  # the only one implemented (see the module docstring)
 
     cfg: "VolumeRenderer.Config"
@@ -134,6 +153,8 @@ class VolumeRenderer(BaseRenderer):
         step = 2.0 * math.sqrt(3.0) * self.radius / c.num_samples_per_ray
         self.grid = OccupancyGrid(c.grid, radius=self.radius, step_size=step, path="renderer.grid")
         self.last_stats: dict = {}
+        self.sample_buffers = CompactionBuffers(c.sample_capacity_margin, "occupied samples", "rendered as empty space",
+                                                "system.renderer.sample_capacity_margin", auto_margin=1.5)
 
     @property
     def geometry(self):
@@ -153,6 +174,9 @@ class VolumeRenderer(BaseRenderer):
             return
         if global_step % g.cfg.update_every == 0 and global_step != g.last_update_step:
             g.update(self.geometry.forward_density, global_step)
+            msg = self.sample_buffers.resize()  # sample buffers sized from the renders since the last update
+            if msg:
+                logging.getLogger("it3d").warning(f"renderer: {msg}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, rays_o: Float[Tensor, "B H W 3"], rays_d: Float[Tensor, "B H W 3"],
@@ -172,7 +196,8 @@ class VolumeRenderer(BaseRenderer):
             lp = light_positions.float().reshape(-1, 1, 1, 3).expand(b, h, w, 3).reshape(-1, 3)
         n_rays = ro.shape[0]
         chunk = self.cfg.eval_chunk_size
-        self.last_stats = {"n_rays": n_rays, "n_samples": 0, "n_evaluated": 0}
+        # n_evaluated (live samples) and n_dropped are device tensors in training: read them only when needed
+        self.last_stats = {"n_rays": n_rays, "n_samples": 0, "n_evaluated": 0, "n_slots": 0, "n_dropped": 0}
         if self.training or chunk <= 0 or n_rays <= chunk:
             out = self._render_rays(ro, rd, lp, shading, output_normal)
         else:
@@ -216,7 +241,7 @@ class VolumeRenderer(BaseRenderer):
         if c.num_importance_samples > 0:
             with torch.no_grad():
                 mask = self._mask(ro, rd, t, hit)
-                dens = self._eval(ro, rd, t, mask, density_only=True)
+                dens = self._eval(ro, rd, t, mask, "coarse", density_only=True)
                 weights = volume_weights(dens, ends - starts)[0]
             with record_function("it3d::sampling"):
                 t_new = sample_pdf(edges, weights, c.num_importance_samples, deterministic=not randomized)
@@ -229,23 +254,26 @@ class VolumeRenderer(BaseRenderer):
     def _mask(self, ro: Tensor, rd: Tensor, t: Tensor, hit: Tensor) -> Tensor:
         with record_function("it3d::sampling"):
             mask = hit[:, None].expand_as(t)
-            if self.grid.enabled and bool(self.grid.initialized):
+            if self.grid.enabled:
                 pts = (ro[:, None] + rd[:, None] * t[..., None]).reshape(-1, 3)
                 mask = mask & self.grid.query(pts).view_as(t)
             return mask
 
-    def _eval(self, ro, rd, t, mask, density_only=False, lp=None, shading="albedo", output_normal=False):
-        """Geometry (+ material) on the masked samples only; zeros elsewhere."""
+    def _eval(self, ro, rd, t, mask, key, density_only=False, lp=None, shading="albedo", output_normal=False):
+        """Geometry (+ material) on the masked samples only (gathered into a buffer); zeros elsewhere."""
         r, s = t.shape
-        idx = mask.reshape(-1).nonzero().squeeze(1)
-        pts = (ro[:, None] + rd[:, None] * t[..., None]).reshape(-1, 3).index_select(0, idx)
+        idx, count, over = self.sample_buffers.compact(mask, key, exact=not self.training)
+        self.last_stats["n_dropped"] = self.last_stats["n_dropped"] + over
+        src = idx.clamp_max(r * s - 1)  # unused slots evaluate the last sample; their rows are discarded
+        pts = (ro[:, None] + rd[:, None] * t[..., None]).reshape(-1, 3).index_select(0, src)
         if density_only:
             dens = self.geometry.forward_density(pts)
             return _scatter(idx, dens, r * s).view(r, s)
         self.last_stats["n_samples"] += r * s
-        self.last_stats["n_evaluated"] += int(idx.numel())
+        self.last_stats["n_evaluated"] = self.last_stats["n_evaluated"] + count
+        self.last_stats["n_slots"] += int(idx.shape[0])
         geo = self.geometry(pts, output_normal=output_normal)
-        ray_of = torch.div(idx, s, rounding_mode="floor")
+        ray_of = torch.div(src, s, rounding_mode="floor")
         with record_function("it3d::material"):
             rgb = self.material(geo["features"], viewdirs=rd.index_select(0, ray_of), shading_normal=geo.get("normal"),
                                 light_positions=None if lp is None else lp.index_select(0, ray_of), shading=shading,
@@ -258,7 +286,7 @@ class VolumeRenderer(BaseRenderer):
 
     def _render_rays(self, ro: Tensor, rd: Tensor, lp: Optional[Tensor], shading: str, output_normal: bool) -> dict:
         t, starts, ends, hit, mask = self._sample(ro, rd)
-        ev = self._eval(ro, rd, t, mask, lp=lp, shading=shading, output_normal=output_normal)
+        ev = self._eval(ro, rd, t, mask, "fine", lp=lp, shading=shading, output_normal=output_normal)
         out = self._composite(ev, t, starts, ends)
         if "normal" in ev:  # per-sample normals and ray directions (orientation loss)
             out["sample_normal"] = ev["normal"]

@@ -1,0 +1,76 @@
+"""count_syncs: every way of reading device data on the host is counted once, and nothing else."""
+import pytest
+import torch
+
+from it3d.core.profiling import count_syncs
+
+
+def _count(fn):
+    with count_syncs() as s:
+        fn()
+    return s.count, s.uploads, [e.op for e in s.events]
+
+
+x = torch.tensor([0.2, 0.7, 0.9, 0.1])
+
+
+@pytest.mark.parametrize("fn,ops", [
+    (lambda: x[0].item(), ["item"]),
+    (lambda: bool(x[0] > 0.5), ["item"]),
+    (lambda: 1 if x.any() else 0, ["item"]),
+    (lambda: int(x[1] * 3), ["item"]),
+    (lambda: float(x.sum()), ["item"]),
+    (lambda: range(torch.tensor(3)), ["item"]),
+    (lambda: x.tolist(), ["tolist"]),
+    (lambda: x.numpy(), ["numpy"]),
+    (lambda: x.cpu(), ["cpu"]),
+    (lambda: x.nonzero(), ["nonzero"]),
+    (lambda: torch.nonzero(x > 0.5, as_tuple=True), ["nonzero"]),
+    (lambda: x[x > 0.5], ["index"]),
+    (lambda: x.clone().__setitem__(x > 0.5, 0.0), ["index_put_"]),
+    (lambda: torch.masked_select(x, x > 0.5), ["masked_select"]),
+    (lambda: torch.unique(x), ["_unique2"]),
+    (lambda: torch.repeat_interleave(torch.tensor([1, 2])), ["repeat_interleave"]),
+    (lambda: torch.linalg.inv(torch.eye(3)), ["_linalg_check_errors"]),
+    (lambda: torch.equal(x, x), ["equal"]),
+])
+def test_each_host_read_is_counted_once(fn, ops):
+    n, up, seen = _count(fn)
+    assert (n, up, seen) == (len(ops), 0, ops)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda: torch.nonzero_static(x > 0.5, size=4, fill_value=-1),
+    lambda: x[torch.tensor([0, 2])],
+    lambda: torch.where(x > 0.5, x, 0.0),
+    lambda: torch.linalg.inv_ex(torch.eye(3)).inverse,
+    lambda: torch.repeat_interleave(x, torch.tensor([1, 2, 0, 1]), output_size=4),
+    lambda: torch.sort(x, stable=True),
+    lambda: torch.tensor([1.0, 2.0]),  # a host tensor, no device asked
+    lambda: x.shape[0] + x.numel(),
+])
+def test_device_side_work_is_not_counted(fn):
+    assert _count(fn) == (0, 0, [])
+
+
+def test_uploads_and_backward_are_counted():
+    n, up, seen = _count(lambda: torch.tensor([1.0, 2.0], device=x.device))
+    assert (n, up) == (0, 1)
+
+    class ReadsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            if g.sum() > 0:  # a sync inside the backward pass
+                return g * 2
+            return g
+
+    a = torch.ones(3, requires_grad=True)
+    with count_syncs() as s:
+        ReadsInBackward.apply(a).sum().backward()
+    # attributed to the line in backward (co_firstlineno is the @staticmethod line)
+    assert s.count == 1 and s.by_site() == {f"{__file__}:{ReadsInBackward.backward.__code__.co_firstlineno + 2} item": 1}
+    assert "1 device->host syncs, 0 host->device uploads" in s.report()
