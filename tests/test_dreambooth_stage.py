@@ -164,8 +164,13 @@ def test_schedule_and_modality_images():
     depth = torch.tensor([[9.0, 2.0, 4.0]]).reshape(1, 1, 3, 1)
     img = modality_image("depth", torch.ones(1, 1, 3, 3), mask, depth)
     assert img[0, 0, :, 0].tolist() == [0.0, 1.0, 0.0]  # near = bright over the mask, black outside
-    normal = torch.tensor([[0.0, 0.0, 1.0]]).expand(1, 1, 3, 3)
-    assert modality_image("normal", torch.ones(1, 1, 3, 3), mask, normal=normal)[0, 0, 1].tolist() == [0.5, 0.5, 1.0]
+    # world normals facing a camera at azimuth 90 (+y) are camera-space +z: (0.5, 0.5, 1); black background
+    from it3d.data.cameras import spherical_c2w
+
+    normal = torch.tensor([[0.0, 1.0, 0.0]]).expand(1, 1, 3, 3)
+    img = modality_image("normal", torch.ones(1, 1, 3, 3), mask, normal=normal, c2w=spherical_c2w(0.0, 90.0, 1.0)[None])
+    assert torch.allclose(img[0, 0, 1], torch.tensor([0.5, 0.5, 1.0]), atol=1e-6)
+    assert img[0, 0, 0].tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(ConfigError, match="did you mean 'normal'"):
         modality_image("normals", torch.ones(1, 1, 3, 3), mask)
 
