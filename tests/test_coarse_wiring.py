@@ -45,7 +45,8 @@ def built(tmp_path_factory):
         cfg, parsed = prepare_config([os.path.join(ROOT, "configs", "tiny", "coarse.yaml")], [
             f"data.image_path={ROOT}/load/synthetic/rgba.png", f"trial_dir={out}", "data.heights=[16]",
             "data.widths=[16]", "system.ref_ray_batch=0", "system.renderer.num_samples_per_ray=64",
-            "system.renderer.num_importance_samples=0", "+system.guidance={spy: {type: test-spy, weight: 1.0}}"])
+            "system.renderer.num_importance_samples=0", "+system.guidance={spy: {type: test-spy, weight: 1.0}}",
+            "system.loss.orient.weight=0.02", "system.loss.normal-smooth-3d.weight=1.0"])  # tiny/coarse turns them off
         dm, system = build_components(cfg, parsed, str(out), resumed=False)
         dm.prepare()
         system.log = lambda *a, **k: None
@@ -117,11 +118,15 @@ def test_normals_are_rendered_exactly_while_a_normal_regulariser_is_on(built, mo
     for name in ("orient", "normal-smooth-3d", "sparsity", "entropy"):
         assert torch.isfinite(torch.as_tensor(logged[f"train/{name}"])) and float(logged[f"train/{name}"]) > 0, name
     monkeypatch.setitem(w, "orient", 0.0)
+    logged.clear()
+    system.training_step(dm.train_batch(s), 0)  # albedo reference render: the 3D smoothness finds its own normals
+    assert not calls[-1][0]["output_normal"] and "sample_normal" not in calls[-1][1]
+    assert "train/orient" not in logged and float(logged["train/normal-smooth-3d"]) > 0
     monkeypatch.setitem(w, "normal-smooth-3d", 0.0)
     logged.clear()
-    system.training_step(dm.train_batch(s), 0)  # albedo reference render: no normals needed any more
-    assert not calls[-1][0]["output_normal"] and "sample_normal" not in calls[-1][1]
-    assert "train/orient" not in logged and "train/sparsity" in logged
+    system.training_step(dm.train_batch(s), 0)
+    assert "sample_positions" not in calls[-1][1] and "train/normal-smooth-3d" not in logged
+    assert "train/sparsity" in logged
 
 
 def sphere_raw(pts, twice_differentiable=False):

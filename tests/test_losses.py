@@ -140,6 +140,9 @@ def test_normal_smooth_3d_matches_the_perturbed_normal_difference():
            "sample_normal": torch.tensor([0.0, 0.0, 1.0]).expand(1, 1, n_samples, 3)}
     val = registry.get("loss", "normal-smooth-3d")({"perturb": sigma}, geometry=_Field(True))(out, {})
     assert float(val) == pytest.approx(2 / 3 * sigma / r * math.sqrt(2 / math.pi), rel=0.03)
+    own = {k: v for k, v in out.items() if k != "sample_normal"}  # no normals in the render: evaluated here
+    val2 = registry.get("loss", "normal-smooth-3d")({"perturb": sigma}, geometry=_Field(True))(own, {})
+    assert float(val2) == pytest.approx(2 / 3 * sigma / r * math.sqrt(2 / math.pi), rel=0.03)
     flat = registry.get("loss", "normal-smooth-3d")({}, geometry=_Field(False))(out, {})
     assert float(flat) == 0.0
     # samples the image never sees (weight 0, or behind an opaque one) are left out

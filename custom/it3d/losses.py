@@ -201,12 +201,12 @@ class NormalSmooth3DLoss(_Term):
     """Surface smoothness in 3D (the official Make-It-3D / Customize-It-3D ``loss_smooth``): the mean
     ``|n(x) - n(x + N(0, perturb^2))|`` over the volume samples that reach the image -- rendering
     weight > 0 (in an occupied grid cell) and transmittance still above ``transmittance_threshold``
-    (the official CUDA marcher stops there). Needs the renderer's ``weights`` and ``sample_normal``
-    and the system's ``sample_positions`` (B H W S*3); the geometry is given at construction
-    (``geometry=``; the coarse system passes its own). ``max_samples`` > 0 draws that many of the
-    samples at random (a cost cap for CPU runs)."""
+    (the official CUDA marcher stops there). Needs the renderer's ``weights`` and the system's
+    ``sample_positions`` (B H W S*3); ``n(x)`` is the render's ``sample_normal`` when it has one (another
+    term asked for normals), else evaluated here on the chosen samples only. The geometry is given at
+    construction (``geometry=``; the coarse system passes its own). ``max_samples`` > 0 draws that many
+    of the samples at random (a cost cap for CPU runs)."""
 
-    needs_normals = True
     needs_positions = True
 
     @dataclass
@@ -224,7 +224,7 @@ class NormalSmooth3DLoss(_Term):
         geometry = self._geometry[0]
         if geometry is None:
             raise ConfigError("loss 'normal-smooth-3d' needs the geometry (built by a system that passes geometry=)")
-        missing = [k for k in ("weights", "sample_normal", "sample_positions") if k not in out]
+        missing = [k for k in ("weights", "sample_positions") if k not in out]
         if missing:
             raise ConfigError(f"loss 'normal-smooth-3d' needs the outputs {missing}; set its weight to 0 or render "
                               f"with a volume renderer through the coarse system")
@@ -237,7 +237,11 @@ class NormalSmooth3DLoss(_Term):
         if idx.numel() == 0:
             return None
         pts = out["sample_positions"].reshape(-1, 3).index_select(0, idx)
-        n = out["sample_normal"].reshape(-1, 3).index_select(0, idx)
         moved = pts + torch.randn_like(pts) * self.cfg.perturb
-        n_moved = geometry(moved, output_normal=True)["normal"]
+        if "sample_normal" in out:
+            n = out["sample_normal"].reshape(-1, 3).index_select(0, idx)
+            n_moved = geometry(moved, output_normal=True)["normal"]
+        else:  # one pass over both point sets
+            both = geometry(torch.cat([pts, moved]), output_normal=True)["normal"]
+            n, n_moved = both[:idx.numel()], both[idx.numel():]
         return (n - n_moved).abs().mean()
