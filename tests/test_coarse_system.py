@@ -83,7 +83,7 @@ def test_training_step_routes_ref_and_novel_views(system_and_dm):
     system._fallback_step = s_ref
     system.training_step(dm.train_batch(s_ref), 0)
     assert {"train/ref-rgb", "train/mask", "train/depth-pearson", "train/loss"} <= set(logged)
-    assert "train/g" not in logged and "train/sparsity" not in logged  # weight 0 in the stage config
+    assert "train/g" not in logged and "train/sparsity" in logged  # the stage config's regulariser
     # the counting term has weight 0 until step 1000: never called
     assert CALLS["loss"] == 0
     system._fallback_step = 1500

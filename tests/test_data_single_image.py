@@ -90,3 +90,39 @@ def test_train_batches_mix_schedule_and_orbit(tmp_path):
     first = next(iter(val))
     assert first["index"] == 0 and torch.allclose(first["c2w"], dm.reference["c2w"], atol=1e-6)
     assert len(val) == 4
+
+
+def test_ray_focal_comes_from_the_height_on_a_non_square_image():
+    """48 x 64 (H x W): rays through the four corner pixels project back onto those pixels' centres, and the
+    corner ray's camera-space direction is ((0.5 - W/2) / f, (H/2 - 0.5) / f, -1) with f = H / 2 / tan(fovy / 2)."""
+    h, w, fovy = 48, 64, 50.0
+    f = float(0.5 * h / np.tan(np.radians(fovy) / 2))
+    d = cameras.ray_directions(h, w, fovy)
+    assert torch.allclose(d[0, 0], torch.tensor([(0.5 - w / 2) / f, (h / 2 - 0.5) / f, -1.0]), atol=1e-6)
+    c2w = cameras.spherical_c2w(20.0, 30.0, 1.5)
+    rays_o, rays_d = cameras.get_rays(c2w, h, w, fovy)
+    for i, j in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)):
+        xy, depth = cameras.project((rays_o[i, j] + 1.1 * rays_d[i, j])[None], c2w, fovy, h, w)
+        assert torch.allclose(xy[0], torch.tensor([j + 0.5, i + 0.5]), atol=1e-4), (i, j)
+        assert float(depth[0]) > 0
+
+
+def test_point_lights_stay_on_the_camera_side():
+    """light = normalize(cam_dir + N(0, I)) * U(0.8, 1.5): it is on the camera's side (cos > 0) exactly when the
+    noise along the camera direction exceeds -1, P = Phi(1) = 0.8413; never opposite on average."""
+    import torch.nn.functional as F
+
+    from it3d.data import random_views as rv
+
+    gen = torch.Generator().manual_seed(0)
+    cam = F.normalize(torch.randn(20000, 3, generator=gen), dim=-1) * 1.3
+    lights = rv.light_positions(gen, cam, 1.0, [0.8, 1.5])
+    cos = (F.normalize(lights, dim=-1) * F.normalize(cam, dim=-1)).sum(-1)
+    assert float((cos > 0).float().mean()) == pytest.approx(0.8413, abs=0.01)
+    assert ((lights.norm(dim=-1) >= 0.8 - 1e-5) & (lights.norm(dim=-1) <= 1.5 + 1e-5)).all()
+    exact = rv.light_positions(gen, cam[:10], 0.0, [1.0, 1.0])
+    assert torch.allclose(exact, F.normalize(cam[:10], dim=-1), atol=1e-6)
+    # through the datamodule: each novel view's light sits on its camera's side
+    sv = rv.sample_views(gen, 4000, 2, 2, [-10, 45], [-180, 180], [1.0, 1.5], [60, 60], 1.0, [0.8, 1.5])
+    cos = (F.normalize(sv["light_positions"], dim=-1) * F.normalize(sv["c2w"][:, :3, 3], dim=-1)).sum(-1)
+    assert float((cos > 0).float().mean()) == pytest.approx(0.8413, abs=0.02)

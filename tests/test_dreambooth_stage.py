@@ -164,8 +164,13 @@ def test_schedule_and_modality_images():
     depth = torch.tensor([[9.0, 2.0, 4.0]]).reshape(1, 1, 3, 1)
     img = modality_image("depth", torch.ones(1, 1, 3, 3), mask, depth)
     assert img[0, 0, :, 0].tolist() == [0.0, 1.0, 0.0]  # near = bright over the mask, black outside
-    normal = torch.tensor([[0.0, 0.0, 1.0]]).expand(1, 1, 3, 3)
-    assert modality_image("normal", torch.ones(1, 1, 3, 3), mask, normal=normal)[0, 0, 1].tolist() == [0.5, 0.5, 1.0]
+    # world normals facing a camera at azimuth 90 (+y) are camera-space +z: (0.5, 0.5, 1); black background
+    from it3d.data.cameras import spherical_c2w
+
+    normal = torch.tensor([[0.0, 1.0, 0.0]]).expand(1, 1, 3, 3)
+    img = modality_image("normal", torch.ones(1, 1, 3, 3), mask, normal=normal, c2w=spherical_c2w(0.0, 90.0, 1.0)[None])
+    assert torch.allclose(img[0, 0, 1], torch.tensor([0.5, 0.5, 1.0]), atol=1e-6)
+    assert img[0, 0, 0].tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(ConfigError, match="did you mean 'normal'"):
         modality_image("normals", torch.ones(1, 1, 3, 3), mask)
 
@@ -174,3 +179,37 @@ def test_bad_modality_config_names_the_key(tmp_path):
     cfg, _ = stage_cfg(tmp_path, 'data.modalities=[{modality: rgbb, prompt: "x", steps: 1}]')
     with pytest.raises(ConfigError, match="data.modalities.0.modality"):
         DreamBoothDataModule(cfg.data, path="data")
+
+
+def test_each_prompt_trains_on_its_own_modality_with_the_prior_term(tmp_path, monkeypatch):
+    """What reaches the diffusion loss at every step: [the step's modality image, a class image] with
+    [that modality's prompt, the class prompt]; the loss is instance + prior_loss_weight * prior."""
+    from it3d.run import build_components
+
+    cfg, parsed = stage_cfg(tmp_path)
+    dm, system = build_components(cfg, parsed, str(tmp_path / "trial"), resumed=False)
+    dm.setup("fit")
+    system.class_name = dm.class_name
+    system.class_images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(system, "log", lambda *a, **k: None)
+    calls = []
+
+    def spy(images, prompts):
+        calls.append((images.clone(), list(prompts)))
+        return torch.tensor([0.7, 0.2])[:len(prompts)]
+
+    monkeypatch.setattr(system, "diffusion_loss", spy)
+    batch = dm._batch
+    imgs, schedule = batch["images"], batch["schedule"]
+    assert system.cfg.prior_preservation and system.cfg.prior_loss_weight == 1.0
+    for a in imgs:  # four different images: a prompt paired with the wrong one would show
+        assert all(not torch.allclose(imgs[a], imgs[b]) for b in imgs if b != a), a
+    for step in range(dm.total_steps):
+        system._fallback_step = step
+        loss = system.training_step(batch, 0)
+        modality, prompt, _ = schedule[entry_at(schedule, step)]
+        images, prompts = calls[-1]
+        assert torch.equal(images[0], imgs[modality][0]) and prompts[0] == prompt, (step, modality)
+        assert torch.equal(images[1], system.class_images[step % 2]) and prompts[1] == system.class_prompt
+        assert float(loss) == pytest.approx(0.7 + 1.0 * 0.2)
+    assert [m for m, _, _ in schedule] == ["mask", "depth", "normal", "rgb"] and len(calls) == 8

@@ -99,6 +99,20 @@ def test_clip_d_above_threshold_is_sds(clipd):
     assert out["loss"].item() == pytest.approx(out["loss_sds"].item(), rel=1e-6)
 
 
+def test_clip_d_skips_back_views(clipd, monkeypatch):
+    """Official Make-It-3D: no CLIP-D on views within 45 degrees of the back (is_large); they get SDS at any t."""
+    rgb = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(4))
+    t = torch.full((4,), 150)
+    azim = [0.0, 90.0, 140.0, -180.0]  # relative to the reference azimuth 0: front, side, back, back
+    out = clipd(rgb, views([0.0] * 4, azim), 0, t=t)
+    assert out["clip_fraction"].item() == 0.5
+    monkeypatch.setattr(clipd.cfg, "skip_back_views", False)
+    assert clipd(rgb, views([0.0] * 4, azim), 0, t=t)["clip_fraction"].item() == 1.0
+    monkeypatch.setattr(clipd.cfg, "skip_back_views", True)
+    back = clipd(rgb[2:], views([0.0] * 2, azim[2:]), 0, t=t[2:])
+    assert back["clip_fraction"].item() == 0.0 and back["loss"].item() == pytest.approx(back["loss_sds"].item(), rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def zero123():
     g = registry.get("guidance", "zero123")({"pretrained_model_name_or_path": tiny_model_dir("zero123"), "resolution": 64,

@@ -107,3 +107,49 @@ def test_orient_loss_on_the_volume_renderer_closed_form():
     dd = r["t_dirs"].reshape(-1, 3)
     expected = (r["weights"].reshape(-1) * (n * dd).sum(-1).clamp_min(0) ** 2).sum() / (r["opacity"] > 0).sum()
     assert float(val) == pytest.approx(float(expected)) and torch.isfinite(val)
+
+
+def test_official_opacity_and_entropy_variants():
+    op = torch.full((1, 4, 4, 1), 0.5)
+    assert make("sparsity", mode="square")({"opacity": op}, {}).item() == pytest.approx(0.25)  # mean(o^2)
+    assert make("entropy", bits=True)({"opacity": op}, {}).item() == pytest.approx(1.0, rel=1e-4)  # 1 bit at 0.5
+    with pytest.raises(ConfigError, match="sparsity loss mode"):
+        make("sparsity", mode="cube")
+
+
+class _Field(torch.nn.Module):
+    """Unit normals of a radial (x / |x|) or a constant (+z) field, as a geometry returns them."""
+
+    def __init__(self, radial):
+        super().__init__()
+        self.radial = radial
+
+    def forward(self, pts, output_normal=False):
+        n = torch.nn.functional.normalize(pts, dim=-1) if self.radial else torch.tensor([0.0, 0.0, 1.0]).expand_as(pts)
+        return {"normal": n}
+
+
+def test_normal_smooth_3d_matches_the_perturbed_normal_difference():
+    """Samples on the +z axis at radius r of a radial normal field: n(x + d) - n(x) ~ (d_x, d_y, 0) / r, so
+    mean |.| over the 3 components = (2/3) sigma / r sqrt(2 / pi)."""
+    torch.manual_seed(0)
+    n_samples, r, sigma = 20000, 0.3, 0.01
+    pts = torch.tensor([0.0, 0.0, r]).expand(1, 1, n_samples, 1, 3)
+    weights = torch.full((1, 1, n_samples, 1), 0.5)
+    out = {"weights": weights, "sample_positions": pts.reshape(1, 1, n_samples, 3),
+           "sample_normal": torch.tensor([0.0, 0.0, 1.0]).expand(1, 1, n_samples, 3)}
+    val = registry.get("loss", "normal-smooth-3d")({"perturb": sigma}, geometry=_Field(True))(out, {})
+    assert float(val) == pytest.approx(2 / 3 * sigma / r * math.sqrt(2 / math.pi), rel=0.03)
+    own = {k: v for k, v in out.items() if k != "sample_normal"}  # no normals in the render: evaluated here
+    val2 = registry.get("loss", "normal-smooth-3d")({"perturb": sigma}, geometry=_Field(True))(own, {})
+    assert float(val2) == pytest.approx(2 / 3 * sigma / r * math.sqrt(2 / math.pi), rel=0.03)
+    flat = registry.get("loss", "normal-smooth-3d")({}, geometry=_Field(False))(out, {})
+    assert float(flat) == 0.0
+    # samples the image never sees (weight 0, or behind an opaque one) are left out
+    w = torch.tensor([[[[0.0, 1.0, 0.3]]]])
+    pts3 = torch.tensor([[0.0, 0.0, r], [0.0, r, 0.0], [r, 0.0, 0.0]]).reshape(1, 1, 1, 9)
+    n3 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).reshape(1, 1, 1, 9)  # wrong on 1 and 3
+    term = registry.get("loss", "normal-smooth-3d")({"perturb": 0.0}, geometry=_Field(True))
+    assert float(term({"weights": w, "sample_positions": pts3, "sample_normal": n3}, {})) == 0.0  # only sample 2
+    with pytest.raises(ConfigError, match="geometry"):
+        registry.get("loss", "normal-smooth-3d")({})(out, {})

@@ -51,8 +51,10 @@ def test_normalise_depth_by_hand():
     assert normalise_depth(pred, mask, False).flatten().tolist() == [0.0, 0.5, 1.0, 1.0]
 
 
-def test_tiny_caption_round_trip_matches_direct_generate():
+def test_tiny_caption_round_trip_matches_direct_generate(monkeypatch):
     from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from it3d.preprocess.caption import clean_caption
 
     path = tiny_model_dir("caption")
     est = build("estimator", "blip-caption", {"pretrained_model_name_or_path": path, "max_new_tokens": 5,
@@ -62,7 +64,24 @@ def test_tiny_caption_round_trip_matches_direct_generate():
     model, proc = BlipForConditionalGeneration.from_pretrained(path), BlipProcessor.from_pretrained(path)
     arr = (image[0].numpy() * 255 + 0.5).astype(np.uint8)
     ids = model.generate(**proc(images=arr, return_tensors="pt"), max_new_tokens=5, num_beams=1)
-    assert text == " ".join(proc.decode(ids[0], skip_special_tokens=True).split()) and len(text) > 0
+    assert text == clean_caption(" ".join(proc.decode(ids[0], skip_special_tokens=True).split())) and len(text) > 0
+    # BLIP's artefacts never reach the prompt (the official main.py replacements, plus "arafed")
+    _, loaded_proc = est.loaded()
+    monkeypatch.setattr(loaded_proc, "decode", lambda *a, **k: "there is an arafed  teddy bear on a white background")
+    assert est(image) == "a teddy bear on a ground"
+    raw = build("estimator", "blip-caption", {"pretrained_model_name_or_path": path, "max_new_tokens": 5,
+                                              "num_beams": 1, "clean": False}, "p.caption_model", device="cpu")
+    monkeypatch.setattr(raw.loaded()[1], "decode", lambda *a, **k: "there is an arafed  teddy bear")
+    assert raw(image) == "there is an arafed teddy bear"
+
+
+def test_clean_caption():
+    from it3d.preprocess.caption import clean_caption
+
+    assert clean_caption("there is a close up of a red car on a black background") == "a photo of a red car on a ground"
+    assert clean_caption("araffe dog sitting on a bench") == "dog sitting on a bench"
+    assert clean_caption("there are two arafed men") == "two men"
+    assert clean_caption("an arafed apple") == "an apple" and clean_caption("An arafed bird") == "A bird"
 
 
 @pytest.mark.parametrize("masked", [False, True])

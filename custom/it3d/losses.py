@@ -10,6 +10,7 @@ never calls a term whose weight is 0 at the current step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -117,29 +118,41 @@ class DepthPearsonLoss(_Term):
 
 @registry.register("sparsity", kind="loss")
 class SparsityLoss(_Term):
-    """Opacity sparsity: ``mean(sqrt(opacity^2 + eps))``."""
+    """Opacity sparsity over the pixels: ``mode: sqrt`` (threestudio) ``mean(sqrt(opacity^2 + eps))``,
+    ``mode: square`` (Make-It-3D / Customize-It-3D official ``loss_opacity``) ``mean(opacity^2)``."""
 
     @dataclass
     class Config(_Term.Config):
         view: str = "any"
-        eps: float = 0.01
+        mode: str = "sqrt"  # sqrt | square
+        eps: float = 0.01  # mode sqrt
+
+    def configure(self, **kwargs) -> None:
+        super().configure(**kwargs)
+        if self.cfg.mode not in ("sqrt", "square"):
+            raise ConfigError(f"sparsity loss mode must be sqrt or square, got '{self.cfg.mode}'")
 
     def forward(self, out: Dict, ref: Dict) -> Tensor:
+        if self.cfg.mode == "square":
+            return (out["opacity"] ** 2).mean()
         return (out["opacity"] ** 2 + self.cfg.eps).sqrt().mean()
 
 
 @registry.register("entropy", kind="loss")
 class OpacityEntropyLoss(_Term):
-    """Binary entropy of the opacity (pushes it to 0 or 1)."""
+    """Binary entropy of the opacity (pushes it to 0 or 1), in nats, or in bits with ``bits: true``
+    (the official Make-It-3D code uses log2)."""
 
     @dataclass
     class Config(_Term.Config):
         view: str = "any"
         eps: float = 1e-5
+        bits: bool = False
 
     def forward(self, out: Dict, ref: Dict) -> Tensor:
         o = out["opacity"].clamp(self.cfg.eps, 1 - self.cfg.eps)
-        return (-o * torch.log(o) - (1 - o) * torch.log(1 - o)).mean()
+        h = (-o * torch.log(o) - (1 - o) * torch.log(1 - o)).mean()
+        return h / math.log(2.0) if self.cfg.bits else h
 
 
 @registry.register("orient", kind="loss")
@@ -181,3 +194,54 @@ class NormalSmoothLoss(_Term):
         dx = ((n[:, :, 1:] - n[:, :, :-1]) ** 2).sum(-1, keepdim=True) * o[:, :, 1:] * o[:, :, :-1]
         dy = ((n[:, 1:] - n[:, :-1]) ** 2).sum(-1, keepdim=True) * o[:, 1:] * o[:, :-1]
         return dx.mean() + dy.mean()
+
+
+@registry.register("normal-smooth-3d", kind="loss")
+class NormalSmooth3DLoss(_Term):
+    """Surface smoothness in 3D (the official Make-It-3D / Customize-It-3D ``loss_smooth``): the mean
+    ``|n(x) - n(x + N(0, perturb^2))|`` over the volume samples that reach the image -- rendering
+    weight > 0 (in an occupied grid cell) and transmittance still above ``transmittance_threshold``
+    (the official CUDA marcher stops there). Needs the renderer's ``weights`` and the system's
+    ``sample_positions`` (B H W S*3); ``n(x)`` is the render's ``sample_normal`` when it has one (another
+    term asked for normals), else evaluated here on the chosen samples only. The geometry is given at
+    construction (``geometry=``; the coarse system passes its own). ``max_samples`` > 0 draws that many
+    of the samples at random (a cost cap for CPU runs)."""
+
+    needs_positions = True
+
+    @dataclass
+    class Config(_Term.Config):
+        view: str = "any"
+        perturb: float = 0.01
+        transmittance_threshold: float = 1e-4
+        max_samples: int = 0
+
+    def configure(self, geometry: Any = None, **kwargs) -> None:
+        super().configure(**kwargs)
+        self._geometry = [geometry]  # a list: the geometry belongs to the system, not to this term
+
+    def forward(self, out: Dict, ref: Dict) -> Optional[Tensor]:
+        geometry = self._geometry[0]
+        if geometry is None:
+            raise ConfigError("loss 'normal-smooth-3d' needs the geometry (built by a system that passes geometry=)")
+        missing = [k for k in ("weights", "sample_positions") if k not in out]
+        if missing:
+            raise ConfigError(f"loss 'normal-smooth-3d' needs the outputs {missing}; set its weight to 0 or render "
+                              f"with a volume renderer through the coarse system")
+        w = out["weights"].detach().reshape(-1, out["weights"].shape[-1])
+        trans = 1.0 - (torch.cumsum(w, -1) - w)  # transmittance before each sample
+        keep = ((w > 0) & (trans > self.cfg.transmittance_threshold)).reshape(-1)
+        idx = keep.nonzero().squeeze(1)
+        if self.cfg.max_samples > 0 and idx.numel() > self.cfg.max_samples:
+            idx = idx[torch.randperm(idx.numel(), device=idx.device)[:self.cfg.max_samples]]
+        if idx.numel() == 0:
+            return None
+        pts = out["sample_positions"].reshape(-1, 3).index_select(0, idx)
+        moved = pts + torch.randn_like(pts) * self.cfg.perturb
+        if "sample_normal" in out:
+            n = out["sample_normal"].reshape(-1, 3).index_select(0, idx)
+            n_moved = geometry(moved, output_normal=True)["normal"]
+        else:  # one pass over both point sets
+            both = geometry(torch.cat([pts, moved]), output_normal=True)["normal"]
+            n, n_moved = both[:idx.numel()], both[idx.numel():]
+        return (n - n_moved).abs().mean()

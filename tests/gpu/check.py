@@ -55,6 +55,7 @@ BUILDERS = {
     "stabilityai/stable-diffusion-2-base": "sd",
     "bennyguo/zero123-xl-diffusers": "zero123",
     "openai/clip-vit-large-patch14": "clip",
+    "openai/clip-vit-base-patch16": "clip-b16",
     "facebook/sam-vit-base": "sam",
     "facebook/sam-vit-huge": "sam-huge",
     "depth-anything/Depth-Anything-V2-Small-hf": "depth",

@@ -12,8 +12,11 @@ The inputs (image, mask, depth, normal, caption, framing) are those of ``single-
 config this one extends (a staged run shares one ``data`` section). Instance images are
 ``resolution`` square, built by :func:`modality_image` -- the encoding a renderer's outputs must
 use to be compared with them (the multi-modal DreamBooth guidance): rgb on white; mask white on
-black; depth near = bright, normalised over the foreground, black background; normal ``(n + 1) / 2``
-of the reference's world-space normals (the renderers' ``comp_normal`` space), black background.
+black; depth near = bright, normalised over the foreground, black background; normal: the
+camera-space normal map ``(n_cam + 1) / 2`` (OpenGL axes: x right, y up, z towards the viewer --
+the estimator's own map, turned back from the world space the datamodule stores) composited on
+:data:`NORMAL_BACKGROUND` by :func:`normal_image`, the same function the coarse system renders its
+``normal``-shaded views with, so training images and renders agree in space and background.
 """
 from __future__ import annotations
 
@@ -30,6 +33,18 @@ from ..core.typing import Float, Tensor
 from .single_image import SingleImageDataModule
 
 MODALITIES = ("mask", "depth", "normal", "rgb")
+# Customize-It-3D official preprocess_image.py writes the estimator's normal map with normal[~mask] = 0
+NORMAL_BACKGROUND = (0.0, 0.0, 0.0)
+
+
+def normal_image(normal: Float[Tensor, "B H W 3"], opacity: Float[Tensor, "B H W 1"], c2w: Float[Tensor, "B 4 4"],
+                 background=NORMAL_BACKGROUND) -> Float[Tensor, "B H W 3"]:
+    """World-space normals weighted by opacity (``|normal| <= opacity``: a renderer's ``comp_normal``, or a unit
+    normal map times its mask) -> the camera-space normal map ``(R^T n + 1) / 2`` of camera ``c2w`` composited
+    over ``background``: ``(R^T normal + opacity) / 2 + (1 - opacity) * background``."""
+    n_cam = torch.einsum("bhwi,bij->bhwj", normal, c2w[:, :3, :3].to(normal))
+    bg = torch.as_tensor(background, dtype=normal.dtype, device=normal.device).view(1, 1, 1, 3)
+    return ((n_cam + opacity) * 0.5 + (1.0 - opacity) * bg).clamp(0.0, 1.0)
 
 
 @dataclass
@@ -61,8 +76,10 @@ def depth_image(depth: Float[Tensor, "B H W 1"], mask: Float[Tensor, "B H W 1"])
 
 def modality_image(modality: str, rgb: Float[Tensor, "B H W 3"], mask: Float[Tensor, "B H W 1"],
                    depth: Optional[Float[Tensor, "B H W 1"]] = None,
-                   normal: Optional[Float[Tensor, "B H W 3"]] = None) -> Float[Tensor, "B H W 3"]:
-    """The image DreamBooth sees for ``modality`` (``rgb`` already composited on its background)."""
+                   normal: Optional[Float[Tensor, "B H W 3"]] = None,
+                   c2w: Optional[Float[Tensor, "B 4 4"]] = None) -> Float[Tensor, "B H W 3"]:
+    """The image DreamBooth sees for ``modality`` (``rgb`` already composited on its background; ``normal``
+    unit world-space normals of the view ``c2w``)."""
     if modality == "rgb":
         return rgb.clamp(0, 1)
     if modality == "mask":
@@ -72,9 +89,9 @@ def modality_image(modality: str, rgb: Float[Tensor, "B H W 3"], mask: Float[Ten
             raise It3dError("the depth modality needs a depth map")
         return depth_image(depth, mask)
     if modality == "normal":
-        if normal is None:
-            raise It3dError("the normal modality needs a normal map")
-        return ((normal + 1.0) / 2.0).clamp(0, 1) * (mask > 0.5)
+        if normal is None or c2w is None:
+            raise It3dError("the normal modality needs a normal map and its camera")
+        return normal_image(normal * mask, mask, c2w)
     raise ConfigError(f"unknown DreamBooth modality '{modality}'{registry.suggest(modality, MODALITIES)} "
                       f"(known: {', '.join(MODALITIES)})")
 
@@ -156,7 +173,7 @@ class DreamBoothDataModule(SingleImageDataModule):
         """modality -> 1 R R 3 instance image."""
         res = self.cfg.resolution
         ref = self.reference_at(res, res)
-        return {m: modality_image(m, ref["rgb"], ref["mask"], ref.get("depth"), ref.get("normal"))
+        return {m: modality_image(m, ref["rgb"], ref["mask"], ref.get("depth"), ref.get("normal"), ref["c2w"])
                 for m in {e.modality for e in self.entries}}
 
     # ------------------------------------------------------------------ loaders

@@ -2,7 +2,8 @@
 DreamBooth derives from it.
 
 Loaded with ``BlipForConditionalGeneration`` + ``BlipProcessor`` through the hub (default
-``Salesforce/blip-image-captioning-large``); greedy / beam decoding as configured.
+``Salesforce/blip-image-captioning-large``); greedy / beam decoding as configured. The decoded text
+is cleaned by :func:`clean_caption` (``clean: false`` keeps it raw).
 """
 from __future__ import annotations
 
@@ -19,8 +20,25 @@ from .base import HubEstimator, to_uint8_image
 
 _LEAD = re.compile(r"^(there is |this is |it is )?((a|an|the) )?((close[- ]up |black and white )?"
                    r"(photo|photograph|picture|image|painting|drawing|rendering|render) of )?((a|an|the) )?")
+# the official Make-It-3D / Customize-It-3D main.py: drop "there is ", "close up" -> "photo",
+# "black background" / "white background" -> "ground"
+_REPLACE = ((re.compile(r"\bthere (is|are) "), ""), (re.compile(r"\bclose[- ]up\b"), "photo"),
+            (re.compile(r"\b(black|white) background\b"), "ground"),
+            # ours: BLIP-large's non-words ("arafed", "araffe", "arafly", ...) name nothing
+            (re.compile(r"\baraf+\w*\s*"), ""))
 _STOP = {"on", "in", "with", "at", "of", "near", "by", "next", "under", "over", "sitting", "standing", "lying",
          "is", "are", "and", "that", "which", "against", "from", "to", "for", "holding", "inside", "behind"}
+
+
+def clean_caption(caption: str) -> str:
+    """BLIP caption -> prompt text without BLIP's artefacts: "there is an arafed teddy bear on a white background"
+    -> "a teddy bear on a ground" (the official code's replacements, plus BLIP-large's "araf..." non-words;
+    an "an" left before a consonant becomes "a")."""
+    text = " ".join(caption.split())
+    for pattern, repl in _REPLACE:
+        text = pattern.sub(repl, text)
+    text = re.sub(r"\b([Aa])n (?=[b-df-hj-np-tv-z])", r"\1 ", text)
+    return " ".join(text.split())
 
 
 def class_from_caption(caption: str, max_words: int = 3) -> str:
@@ -47,6 +65,7 @@ class BlipCaptionEstimator(HubEstimator):
         text_prompt: str = ""  # conditional captioning prefix, e.g. "a photography of"
         max_new_tokens: int = 30
         num_beams: int = 3
+        clean: bool = True  # strip BLIP's artefacts (clean_caption)
 
     def load(self):
         from transformers import BlipForConditionalGeneration, BlipProcessor
@@ -65,4 +84,5 @@ class BlipCaptionEstimator(HubEstimator):
                   for k, v in inputs.items()}
         ids = model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, num_beams=self.cfg.num_beams)
         self.n_calls += 1
-        return " ".join(processor.decode(ids[0], skip_special_tokens=True).split())
+        text = " ".join(processor.decode(ids[0], skip_special_tokens=True).split())
+        return clean_caption(text) if self.cfg.clean else text

@@ -101,7 +101,17 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
             return opt
         scfg = dict(self.cfg.scheduler)
         sname = scfg.get("name")
-        sched = getattr(torch.optim.lr_scheduler, sname)(opt, **dict(scfg.get("args", {})))
+        sargs = dict(scfg.get("args", {}))
+        if sname == "decay":  # lr * factor ** min(step / steps, 1) (the official Make-It-3D refine schedule)
+            factor, steps = float(sargs.pop("factor", 0.1)), float(sargs.pop("steps", 1000))
+            if sargs or steps <= 0:
+                raise ConfigError(f"system.scheduler: 'decay' takes args factor and steps > 0, got {dict(scfg.get('args'))}")
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: factor ** min(it / steps, 1.0))
+        elif hasattr(torch.optim.lr_scheduler, str(sname)):
+            sched = getattr(torch.optim.lr_scheduler, sname)(opt, **sargs)
+        else:
+            raise ConfigError(f"system.scheduler.name: unknown scheduler '{sname}' (decay, or a torch.optim.lr_scheduler "
+                              f"class){registry.suggest(str(sname), dir(torch.optim.lr_scheduler))}")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": scfg.get("interval", "step")}}
 
     # ------------------------------------------------------------------ saving

@@ -2,13 +2,26 @@
 
 Training step (batch from ``single-image``): when the step is a reference step (``batch["use_ref"]``,
 or every step with ``ref_mode: always``, or every step when there is no guidance), the reference
-view is rendered (``ref_shading``, white background) and the loss terms whose ``view`` is ``ref``
-/ ``any`` are applied; on novel steps (``not use_ref``, or every step with ``ref_mode: always``;
-only when guidance terms exist) the random views are rendered with a shading drawn from the
-material's schedule, the ``random`` / ``any`` loss terms are applied, and every guidance term gets
+view is rendered (``ref_shading``) and the loss terms whose ``view`` is ``ref`` / ``any`` are
+applied; on novel steps (``not use_ref``, or every step with ``ref_mode: always``; only when
+guidance terms exist) the random views are rendered with a shading drawn from the material's
+schedule, the ``random`` / ``any`` loss terms are applied, and every guidance term gets
 ``(comp_rgb, batch["random"] + {"shading"}, step)``. Every term is logged as ``train/<name>``
 (loss terms on novel views as ``train/<name>_novel``; guidance extras as ``train/<name>/<key>``)
 and their weighted sum as ``train/loss``. A term whose weight is 0 at the step is never computed.
+
+Backgrounds. ``ref_bg_color: null`` renders the reference view over the background component
+(``random-color``: a random colour per step in training, Make-It-3D B.1's background jitter) and
+re-composites the reference image on the very colour the renderer used (``comp_rgb_bg``), so the
+reference loss compares like with like; a colour list fixes it instead. Novel views use the
+background component, except ``normal``-shaded renders: they are the camera-space normal map
+``(R^T n + 1) / 2`` composited on :data:`it3d.data.dreambooth_data.NORMAL_BACKGROUND` by
+:func:`it3d.data.dreambooth_data.normal_image` -- the encoding the multi-modal DreamBooth model
+was trained on for "normal map" prompts.
+
+Loss terms are built with ``geometry=`` (``normal-smooth-3d`` evaluates normals at perturbed
+points); terms with ``needs_normals`` make the renderer return normals while their weight is
+non-zero, terms with ``needs_positions`` get ``sample_positions`` (B H W S*3) in the outputs.
 
 Outputs: validation grids ``save/it{step}-val/{index}.png`` (rgb | depth | normal | opacity);
 ``--test`` ``save/test/{rgb,normal,depth}/%04d.png`` and ``save/test/turntable.mp4`` (frame 0 =
@@ -20,12 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..core import io, registry
 from ..core.base import Updateable, build
 from ..core.config import ConfigError, component, terms
 from ..core.typing import Float, Tensor
 from ..data import cameras
+from ..data.dreambooth_data import NORMAL_BACKGROUND, normal_image
 from ..losses import weighted_terms
 from .base import BaseSystem
 
@@ -43,6 +58,13 @@ def subsample_rays(view: Dict, n: int, seed: int) -> Dict:
             out[k] = v.reshape(v.shape[0], h * w, -1)[:, idx].reshape(v.shape[0], 1, n, -1)
     out["height"], out["width"] = 1, n
     return out
+
+
+def composite_reference(ref: Dict, bg: Float[Tensor, "B H W 3"]) -> Dict:
+    """The reference view with its image (``rgb``, on white) re-composited over ``bg`` using ``mask``."""
+    a = ref["mask"]
+    fg = ref["rgb"] - (1.0 - a)  # the premultiplied foreground
+    return dict(ref, rgb=(fg + (1.0 - a) * bg.to(fg)).clamp(0.0, 1.0))
 
 
 @registry.register("coarse", kind="system")
@@ -63,7 +85,8 @@ class CoarseSystem(BaseSystem):
         loss: dict = terms("loss")
         ref_mode: str = "mixed"  # mixed: ref losses on use_ref steps, guidance otherwise | always: both every step
         ref_shading: str = "albedo"
-        ref_bg_color: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+        # null: the background component's colour (random jitter in training), the reference re-composited on it
+        ref_bg_color: Optional[List[float]] = field(default_factory=lambda: [1.0, 1.0, 1.0])
         eval_bg_color: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
         video_fps: int = 30
         ref_ray_batch: int = 0  # > 0: the reference losses see this many random pixels per step (CPU runs)
@@ -79,7 +102,7 @@ class CoarseSystem(BaseSystem):
         self.background = build("background", c.background_type, c.background, path="system.background")
         self.renderer = build("renderer", c.renderer_type, c.renderer, path="system.renderer", geometry=self.geometry,
                               material=self.material, background=self.background)
-        self.losses, self.loss_weights = self.build_terms("loss", c.loss, "system.loss")
+        self.losses, self.loss_weights = self.build_terms("loss", c.loss, "system.loss", geometry=self.geometry)
         guidance, self.guidance_weights = ({}, {}) if not build_guidance else \
             self.build_terms("guidance", c.guidance, "system.guidance", device=self.run_device)
         # frozen pretrained models stay out of the module tree (and out of checkpoints)
@@ -120,16 +143,27 @@ class CoarseSystem(BaseSystem):
     def render(self, view: Dict, shading: Optional[str] = None, bg_color=None,
                output_normal: Optional[bool] = None) -> Dict:
         bg = None if bg_color is None else torch.as_tensor(bg_color, dtype=torch.float32, device=view["rays_o"].device)
-        return self.renderer(view["rays_o"], view["rays_d"], light_positions=view.get("light_positions"),
-                             bg_color=bg, shading=shading, c2w=view.get("c2w"),
-                             output_normal=True if output_normal is None and self._losses_need_normals()
-                             else output_normal)
+        if shading == "normal":
+            output_normal = True
+        elif output_normal is None and self._losses_need("needs_normals"):
+            output_normal = True
+        out = self.renderer(view["rays_o"], view["rays_d"], light_positions=view.get("light_positions"),
+                            bg_color=bg, shading=shading, c2w=view.get("c2w"), output_normal=output_normal)
+        if shading == "normal":
+            if view.get("c2w") is None:
+                raise ConfigError("normal shading needs the view's camera (c2w) for camera-space normals")
+            out["comp_rgb"] = normal_image(out["comp_normal"], out["opacity"], view["c2w"].to(out["opacity"]))
+        if "t_samples" in out and self._losses_need("needs_positions"):
+            d = F.normalize(view["rays_d"].float(), dim=-1)
+            pts = view["rays_o"].float()[..., None, :] + d[..., None, :] * out["t_samples"][..., None]
+            out["sample_positions"] = pts.flatten(-2)
+        return out
 
-    def _losses_need_normals(self) -> bool:
-        """A normal-based loss (orient, normal-smooth) with a non-zero weight now: render normals in training."""
+    def _losses_need(self, attr: str) -> bool:
+        """A loss term with ``attr`` (needs_normals, needs_positions) and a non-zero weight now (training only)."""
         from ..core.config import C
 
-        return self.training and any(getattr(m, "needs_normals", False) and C(self.loss_weights[n], self.true_global_step) != 0
+        return self.training and any(getattr(m, attr, False) and C(self.loss_weights[n], self.true_global_step) != 0
                                      for n, m in self.losses.items())
 
     @torch.no_grad()
@@ -167,11 +201,13 @@ class CoarseSystem(BaseSystem):
             if c.ref_ray_batch > 0:
                 ref = subsample_rays(ref, c.ref_ray_batch, step)
             out = self.render(ref, shading=c.ref_shading, bg_color=c.ref_bg_color)
+            if c.ref_bg_color is None:  # the reference on the background the render used
+                ref = composite_reference(ref, out["comp_rgb_bg"])
             parts.append(self._loss_terms(out, ref, "ref", "", logs))
         if do_novel:
             rnd = batch["random"]
             shading = self.material.sample_shading(step) if hasattr(self.material, "sample_shading") else None
-            out = self.render(rnd, shading=shading)
+            out = self.render(rnd, shading=shading, bg_color=NORMAL_BACKGROUND if shading == "normal" else None)
             parts.append(self._loss_terms(out, batch["ref"], "random", "_novel", logs))
             gbatch = dict(rnd, shading=out.get("shading", shading))
 

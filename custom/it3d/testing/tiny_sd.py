@@ -20,7 +20,8 @@ architecture (GPU check and benchmarks: same speed and memory as the real weight
   ``attention_head_dim: [5, 10, 20, 20]``, ``cross_attention_dim: 1024``,
   ``use_linear_projection: true``, ``sample_size: 64`` (.../unet/config.json; the SD2 values as the
   HF configs list them); vae = AutoencoderKL 128-256-512-512, 4 latent channels, scaling 0.18215.
-* ``clip`` -- openai/clip-vit-large-patch14: one CLIPModel folder (config.json, weights,
+* ``clip`` / ``clip-b16`` -- openai/clip-vit-large-patch14 / openai/clip-vit-base-patch16 (CLIP-D's
+  scorer, Make-It-3D's ``clip.load("ViT-B/16")``): one CLIPModel folder (config.json, weights,
   preprocessor_config.json, tokenizer files); ViT-L/14 vision 1024 wide x 24 layers, patch 14 at
   224 px, text 768 x 12, projection 768, ``hidden_act: quick_gelu``.
 * ``zero123`` -- bennyguo/zero123-xl-diffusers (= ashawkey/zero123-xl-diffusers, what threestudio
@@ -292,16 +293,26 @@ def build_sd(out_dir: str, size: str = "tiny") -> None:
     write_text(cfg_path, json.dumps({**sched_cfg, "clip_sample": False}, indent=2, sort_keys=True))
 
 
-def build_clip(out_dir: str, size: str = "tiny") -> None:
-    """openai/clip-vit-large-patch14 layout: one CLIPModel folder with its processor and tokenizer."""
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+def build_clip(out_dir: str, size: str = "tiny", variant: str = "L/14") -> None:
+    """openai/clip-vit-large-patch14 (``variant="L/14"``) or openai/clip-vit-base-patch16 (``"B/16"``: vision
+    768 wide x 12 layers, patch 16; text 512 x 12, 8 heads; projection 512) layout: one CLIPModel folder
+    with its processor and tokenizer."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
 
     _check_size(size)
     torch.manual_seed(SEED)
     tokenizer = save_tokenizer(out_dir)
-    proj = 768 if size == "full" else PROJ_DIM
-    cfg = CLIPConfig(text_config=text_config(len(tokenizer), size).to_dict(), vision_config=vision_config(size).to_dict(),
-                     projection_dim=proj)
+    if size == "full" and variant == "B/16":
+        proj = 512
+        text = CLIPTextConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                              projection_dim=512, hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77,
+                              bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+        vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                  image_size=224, patch_size=16, projection_dim=512, hidden_act="quick_gelu")
+    else:
+        proj = 768 if size == "full" else PROJ_DIM
+        text, vision = text_config(len(tokenizer), size), vision_config(size)
+    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=proj)
     with _device(size):
         model = CLIPModel(cfg)
     _half(model, size).save_pretrained(out_dir)
@@ -382,5 +393,6 @@ def build_zero123_cc(out_dir: str, size: str = "tiny") -> None:
 
 tiny_builder("sd")(build_sd)
 tiny_builder("clip")(build_clip)
+tiny_builder("clip-b16")(lambda out_dir, size="tiny": build_clip(out_dir, size, variant="B/16"))
 tiny_builder("zero123")(build_zero123)
 tiny_builder("zero123-cc")(build_zero123_cc)
