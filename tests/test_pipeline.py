@@ -19,9 +19,8 @@ def steps(path):
 
 
 def test_staged_run_kill_and_resume(tmp_path):
-    env = dict(os.environ, IT3D_CUSTOM_DIRS=EXT, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", STAGED, "--train", f"exp_root_dir={tmp_path}",
-           "stage.b.system.sleep_s=0.4"]
+    env = dict(os.environ, IT3D_CUSTOM_DIRS=EXT, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", IT3D_TOY_SLEEP_S="0.4")
+    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", STAGED, "--train", f"exp_root_dir={tmp_path}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     trial = tmp_path / "toy-staged" / "run"
     ckpt_b = trial / "b" / "ckpts" / "last.ckpt"
@@ -36,7 +35,7 @@ def test_staged_run_kill_and_resume(tmp_path):
     saved_step = torch.load(ckpt_b, weights_only=False)["global_step"]
     assert saved_step >= 2
 
-    r = launch("--config", STAGED, "--train", f"resume={trial}", "stage.b.system.sleep_s=0")
+    r = launch("--config", STAGED, "--train", f"resume={trial}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 'a': finished earlier, skipped" in r.stderr
     assert f"stage 'b': resuming from {ckpt_b}" in r.stderr
