@@ -50,9 +50,12 @@ def last_line(text: str) -> str:
 
 
 def snapshot(folder: str) -> Dict[str, str]:
+    """sha256 of every file (run.lock aside: it names the process using the trial, empty at rest)."""
     out = {}
     for dirpath, _, files in os.walk(folder):
         for f in files:
+            if f == "run.lock" and dirpath == folder:
+                continue
             p = os.path.join(dirpath, f)
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, folder)] = hashlib.sha256(fh.read()).hexdigest()
@@ -192,7 +195,8 @@ CASES = [
     Case("unknown-flag", ["--trian"], "unknown flag --trian"),
     Case("bad-gpu", ["--gpu", "zero"], "--gpu zero"),
     Case("override-syntax", ["stage.coarse.trainer.max_steps"], "bad override 'stage.coarse.trainer.max_steps'"),
-    Case("missing-image-key", ["data.image_path=???"], "missing required value 'data.image_path'"),
+    Case("missing-image-key", [], "missing required value 'data.image_path'",
+         config=["--config", os.path.join(ROOT, "configs", "make-it-3d.yaml")]),
     Case("seed-abc", ["seed=abc"], "'seed'"),
     Case("seed-negative", ["seed=-1"], "seed"),
     Case("max-steps-abc", ["stage.coarse.trainer.max_steps=abc"], "trainer.max_steps"),
@@ -290,8 +294,10 @@ def _prepare(case: Case, tmp: str, inputs: str, fin: str):
         with open(ck, "wb") as f:
             f.write(data[: len(data) // 3])
     args = [fmt(a) for a in case.config] + [case.mode] + [fmt(a) for a in case.args]
+    if not case.finished and not any(a.startswith(("exp_root_dir=", "trial_dir=")) for a in case.args):
+        args.append(f"exp_root_dir={tmp}/out")
     if case.config[1] == CONFIG:
-        args += [f"exp_root_dir={tmp}/out"] + [a for a in FAST if a not in case.args]
+        args += [a for a in FAST if a.split("=")[0] not in {c.split("=")[0] for c in case.args}]
     return args, fmt
 
 
@@ -361,6 +367,10 @@ def test_verbose_shows_the_traceback(inputs, tmp_path):
             *FAST)
     assert r.returncode == 1 and "Traceback" in r.stderr
     assert last_line(r.stderr).startswith(f"error: cannot read image {inputs}/text.png")
+
+
+def test_finished_trial_lock_is_free_again(finished, outcomes):
+    assert os.path.getsize(os.path.join(finished, "run.lock")) == 0  # released by every run that took it
 
 
 def test_resume_outside_trial_creates_nothing(outcomes):

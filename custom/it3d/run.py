@@ -10,7 +10,7 @@ import sys
 import traceback
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from .core import io
@@ -112,6 +112,8 @@ def prepare_config(config_files: Sequence[str], overrides: Sequence[str], device
 
 def _prepare_config(config_files: Sequence[str], overrides: Sequence[str], device: str, n_gpus: int):
     cfg = load_config(*config_files, cli_args=overrides)
+    if cfg.get("stages") is not None and not isinstance(cfg.stages, ListConfig):
+        raise ConfigError(f"stages must be a list of {{name, config, run, overrides}} entries, got {cfg.stages!r}")
     cfg.n_gpus = n_gpus
     if "system" in cfg and isinstance(cfg.system, DictConfig) and cfg.system.get("device", "auto") == "auto":
         cfg.system.device = device

@@ -290,16 +290,50 @@ def parse_overrides(overrides: Sequence[str]):
     return sets, deletes
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "msg", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _delete_key(cfg: DictConfig, dotted: str) -> None:
     parts = dotted.split(".")
-    node = cfg
-    for p in parts[:-1]:
-        if p not in node:
-            raise ConfigError(f"cannot delete '{dotted}': '{p}' not found{suggest(p, list(node.keys()))}")
-        node = node[p]
-    if parts[-1] not in node:
-        raise ConfigError(f"cannot delete '{dotted}': key not found{suggest(parts[-1], list(node.keys()))}")
-    del node[parts[-1]]
+    if not dotted or "" in parts:
+        raise ConfigError(f"cannot delete '{dotted}': not a dotted key")
+    node: Any = cfg
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, DictConfig):
+            if p not in node:
+                raise ConfigError(f"cannot delete '{dotted}': '{p}' not found{suggest(p, [str(k) for k in node.keys()])}")
+            if last:
+                del node[p]
+                return
+            node = node._get_node(p)
+        elif isinstance(node, ListConfig) and p.lstrip("-").isdigit() and -len(node) <= int(p) < len(node):
+            if last:
+                del node[int(p)]
+                return
+            node = node._get_node(int(p))
+        else:
+            parent = ".".join(parts[:i]) or "<root>"
+            raise ConfigError(f"cannot delete '{dotted}': '{parent}' has no entry '{p}'")
+
+
+def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    """One ``key=value`` / ``+key=value`` / ``~key``; any failure is a one-line ConfigError naming the item."""
+    if item.startswith("~"):
+        _delete_key(cfg, item[1:].split("=", 1)[0])
+        return cfg
+    text = item[1:] if item.startswith("+") else item
+    key = text.split("=", 1)[0]
+    if not key or "" in key.split(".") or key != key.strip():
+        raise ConfigError(f"bad override '{item}': '{key}' is not a dotted key")
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text.split('=', 1)[1]}"]), resolve=False)["v"]
+        OmegaConf.update(cfg, key, value, merge=True, force_add=True)  # list items too: stages.1.config=...
+    except Exception as e:  # noqa: BLE001 - OmegaConf, YAML and merge errors alike
+        raise ConfigError(f"bad override '{item}': {_first_line(e)}") from None
+    return cfg
 
 
 def load_yaml(path: str) -> DictConfig:
@@ -342,13 +376,7 @@ def load_config(*yamls: str, cli_args: Sequence[str] = (), extra: Optional[dict]
         cfg = OmegaConf.merge(cfg, OmegaConf.create(extra))
     parse_overrides(cli_args)  # check the syntax of all of them first
     for item in cli_args:  # then apply in the order given: `+a.b={...} ~a.b.c` works
-        if item.startswith("~"):
-            _delete_key(cfg, item[1:].split("=", 1)[0])
-            continue
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item[1:] if item.startswith("+") else item]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"bad override '{item}': {str(e).splitlines()[0]}") from None
+        cfg = _apply_override(cfg, item)
     return cfg
 
 

@@ -179,6 +179,8 @@ def check_dataclass(cls, obj: Any, path: str) -> None:
             raise ConfigError(f"{p} must be one of {', '.join(map(str, choices))}, got {val!r}")
         if f.metadata.get("opaque") or f.name in component_dicts:
             continue  # checked elsewhere (a component's own config, Lightning's trainer arguments)
+        if f.name in list_fields:
+            check_elements(val, list_fields[f.name], p)
         rng = range_of(f)
         if rng is not None:
             check_value(val, rng, p, schedules=f.name not in list_fields)
@@ -201,15 +203,35 @@ def check_mapping(mapping: dict, path: str) -> None:
             check_mapping(v, p)
 
 
-def _list_fields(cls) -> set:
-    """Fields annotated as lists (their values are elements, never schedules)."""
+def _list_fields(cls) -> dict:
+    """Fields annotated as lists (their values are elements, never schedules) -> the element type."""
     import typing
 
     try:
         hints = typing.get_type_hints(cls)
     except Exception:
         hints = {}
-    return {name for name, tp in hints.items() if tp is list or typing.get_origin(tp) in (list, List)}
+    out = {}
+    for name, tp in hints.items():
+        if tp is list or typing.get_origin(tp) in (list, List):
+            args = typing.get_args(tp)
+            out[name] = args[0] if args else Any
+    return out
+
+
+_ELEMENT = {int: ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+            float: ("a number", _is_num), str: ("a string", lambda v: isinstance(v, str)),
+            bool: ("true or false", lambda v: isinstance(v, bool))}
+
+
+def check_elements(value: Any, element: Any, path: str) -> None:
+    """``List[int]`` and friends: OmegaConf lets ``[1, [2]]`` through; every element must have the type."""
+    if element not in _ELEMENT or not isinstance(value, (list, tuple)):
+        return
+    what, ok = _ELEMENT[element]
+    for i, v in enumerate(value):
+        if not ok(v):
+            raise ConfigError(f"{path}.{i} must be {what}, got {v!r}")
 
 
 def _component_dicts(cls) -> set:

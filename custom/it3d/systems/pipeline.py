@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..core.checkpoint import newest_readable, require_readable
 from ..core.config import ConfigError, load_yaml, parse_structured, validate_experiment
@@ -50,6 +50,13 @@ class StageSpec:
 
 
 def stage_specs(cfg: DictConfig) -> List[StageSpec]:
+    if not isinstance(cfg.stages, ListConfig):
+        raise ConfigError(f"stages must be a list of {{name, config, run, overrides}} entries, got {cfg.stages!r}")
+    for key, val in (cfg.get("stage") or {}).items() if isinstance(cfg.get("stage"), DictConfig) else ():
+        if val is not None and not isinstance(val, DictConfig):
+            raise ConfigError(f"stage.{key} must be a mapping of that stage's config keys, got {val!r}")
+    if cfg.get("stage") is not None and not isinstance(cfg.get("stage"), DictConfig):
+        raise ConfigError(f"stage must be a mapping by stage name (stage.<name>.<key>=...), got {cfg.stage!r}")
     specs = []
     for i, entry in enumerate(cfg.stages):
         spec = parse_structured(StageSpec, entry, f"stages.{i}")
@@ -131,7 +138,11 @@ def build_stage_config(cfg: DictConfig, spec: StageSpec, trial_dir: str, specs: 
     own = (cfg.get("stage", {}) or {}).get(spec.name)
     if own:
         layers.append(rooted(own))
-    scfg = OmegaConf.merge(*layers)
+    try:
+        scfg = OmegaConf.merge(*layers)
+    except Exception as e:  # noqa: BLE001 - e.g. stage.coarse.data=[1] over a mapping
+        raise ConfigError(f"stage '{spec.name}': its config files and overrides do not combine: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     scfg.trial_dir = os.path.join(trial_dir, spec.name)
     scfg.stage_dirs = {s.name: os.path.join(trial_dir, s.name) for s in specs}
     scfg.resume = None
