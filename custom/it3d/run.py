@@ -26,18 +26,36 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="[%(levelname)s] %(message)s", stream=sys.stderr, force=True)
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:  # library chatter that says nothing about the run
-        import warnings
+    if not verbose:
+        quiet_libraries()
 
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-        warnings.filterwarnings("ignore", message=r".*val_dataloader.* but have no `validation_step`.*")
-        warnings.filterwarnings("ignore", message=r".*predict returned None.*")  # --export writes files instead
+
+# library chatter that says nothing about the run (shown with --verbose)
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*val_dataloader.* but have no `validation_step`.*",
+    r".*predict returned None.*",  # --export writes files instead
+    r".*`torch_dtype` is deprecated.*",  # diffusers 0.3x/0.4x while models are loaded with dtype=
+    r".*Checkpoint directory .* exists and is not empty.*",  # resumes write beside the earlier checkpoints
+    # it3d's training batches are a function of the step, so a mid-epoch resume continues exactly
+    r".*resuming from a checkpoint that ended before the epoch ended.*",
+)
+
+
+def quiet_libraries() -> None:
+    """Hide library warnings and loading bars: transformers' and diffusers' loggers at error level, their
+    progress bars ("Loading pipeline components", "Loading weights") off, and known harmless warnings."""
+    import warnings
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for module in ("transformers.utils", "diffusers.utils"):
         try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover - transformers is a requirement
-            pass
+            lib_logging = importlib.import_module(module).logging
+        except (ImportError, AttributeError):  # pragma: no cover - both are requirements
+            continue
+        lib_logging.set_verbosity_error()
+        lib_logging.disable_progress_bar()
 
 
 def extension_dirs() -> List[str]:

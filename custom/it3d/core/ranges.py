@@ -95,6 +95,7 @@ RULES: List[Tuple[str, Range]] = [
     (r"fovy(_deg)?$", Range(gt=0, lt=180)),
     (r"distance_range$", Range(gt=0, pair=True)),
     (r"azimuth(_warmup)?_range$", Range(pair=True)),
+    (r"azimuths?$", ANY),  # degrees: any turn
     (r"(^|_)(height|width)$", NONNEG),  # 0: the datamodule's size
     (r"(heights|widths|_height|_width|size|side|resolution|channels|neurons|_dims?|fps|per_pixel|scales"
      r"|supersample|features_per_level|beams)$", POS),

@@ -50,13 +50,18 @@ def _fmt(v: Any) -> str:
         return str(v)
 
 
+def stdout_is_terminal() -> bool:
+    """Lightning draws its bars on stdout."""
+    return sys.stdout.isatty()
+
+
 class StepProgressBar(TQDMProgressBar):
     def __init__(self, label: str = "train", log_fraction: float = 0.1) -> None:
         super().__init__(leave=False)
         self.label = label
-        self.tty = sys.stdout.isatty()  # Lightning draws its bars on stdout
+        self.tty = stdout_is_terminal()
         self.log_fraction = log_fraction
-        self._next_log = 0
+        self._first = True
         self._t0 = time.time()
 
     @property
@@ -74,18 +79,28 @@ class StepProgressBar(TQDMProgressBar):
 
     @staticmethod
     def _total(trainer) -> int:
-        return int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else 0
+        """``max_steps``, or a system's own ``total_steps`` when it stops earlier (DreamBooth's schedule)."""
+        totals = [int(trainer.max_steps)] if trainer.max_steps and trainer.max_steps > 0 else []
+        own = getattr(trainer.lightning_module, "total_steps", None)
+        if isinstance(own, int) and own > 0:
+            totals.append(own)
+        return min(totals) if totals else 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._t0 = time.time()
-        self._next_log = trainer.global_step
+        self._first = True
+        self._reset_bar(trainer)  # a resume restarts mid-epoch: on_train_epoch_start does not run
 
     def on_train_epoch_start(self, trainer, *_: Any) -> None:
+        self._reset_bar(trainer)
+
+    def _reset_bar(self, trainer) -> None:
         bar = self.train_progress_bar
-        bar.reset(total=self._total(trainer) or None)
-        bar.n = trainer.global_step  # counts steps, not batches of this (possibly resumed) epoch
-        bar.set_description(self.label)
+        bar.total = self._total(trainer) or None
+        bar.n = bar.last_print_n = trainer.global_step  # steps of the whole run, not batches of this epoch
+        bar.set_description(self.label, refresh=False)
+        bar.refresh()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, total = trainer.global_step, self._total(trainer)
@@ -95,8 +110,9 @@ class StepProgressBar(TQDMProgressBar):
                 bar.n = step
                 bar.set_postfix(self.get_metrics(trainer, pl_module))
                 bar.refresh()
-        elif total and trainer.is_global_zero and (step >= self._next_log or step == total):
-            self._next_log = step + max(1, int(total * self.log_fraction))
+        elif total and trainer.is_global_zero and (self._first or step % max(1, round(total * self.log_fraction)) == 0
+                                                   or step == total):
+            self._first = False
             losses = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if "loss" in k}
             extra = "".join(f", {k} {_fmt(v)}" for k, v in losses.items())
             log.info(f"{self.label}: step {step}/{total} ({time.time() - self._t0:.0f} s{extra})")
