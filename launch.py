@@ -7,8 +7,15 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, ending a usage error like every other it3d error: one ``error:`` line."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="it3d: one image to a 3D asset", allow_abbrev=False)
+    p = Parser(description="it3d: one image to a 3D asset", allow_abbrev=False)
     p.add_argument("--config", required=True, nargs="+", help="one or more YAML files, merged in order")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--train", action="store_true", help="train (every stage of a staged config)")
@@ -22,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="0", help="GPU indices, e.g. 0 or 0,1 (CPU is used when CUDA is absent)")
     p.add_argument("--stage", default=None, help="for --test/--export/--validate on a staged run: which stage")
     p.add_argument("--typecheck", action="store_true", help="runtime shape/type checks (jaxtyping + beartype)")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument("--verbose", action="store_true",
+                   help="debug logging, library warnings, and the traceback of an error")
     return p
 
 
@@ -35,7 +43,8 @@ def main(argv=None) -> int:
         args.train = True
     bad = [e for e in extras if e.startswith("-")]
     if bad:
-        print(f"error: unknown flag {bad[0]} (overrides are key=value without dashes)", file=sys.stderr)
+        print(f"error: unknown flag {bad[0]} (overrides are key=value without dashes; see launch.py --help)",
+              file=sys.stderr)
         return 2
     if args.typecheck:
         from jaxtyping import install_import_hook

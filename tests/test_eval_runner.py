@@ -2,6 +2,7 @@
 
 The end-to-end run of the real tiny method config is in test_eval_e2e.py.
 """
+import base64
 import csv
 import math
 import os
@@ -84,8 +85,12 @@ def test_runner_writes_table_and_reports(realfusion_bench):
         for needed in ("<video", "turntable.mp4", "mesh.obj", "points.ply", "input.png", "0000.png", 'id="metrics"'):
             assert needed in html, needed
         assert "http://" not in html and "https://" not in html
-        for src in re.findall(r'(?:src|href)="([^"]+)"', html):
+        srcs = re.findall(r'src="([^"]+)"', html)
+        assert srcs and all(s.startswith(("data:image/png;base64,", "data:video/mp4;base64,")) for s in srcs)  # embedded
+        for src in re.findall(r'(?:href|data-file)="([^"]+)"', html):  # downloads and provenance: files beside it
             assert not os.path.isabs(src) and os.path.isfile(out / "runs" / n / src), src
+        first = re.search(r'<img class="t" src="data:image/png;base64,([^"]+)" data-file="([^"]+)"', html)
+        assert base64.b64decode(first.group(1)) == (out / "runs" / n / first.group(2)).read_bytes()
     assert not os.path.isdir(os.path.join(REALFUSION, names[0], "preprocess"))
 
 
@@ -173,7 +178,7 @@ def test_reports_render_in_headless_chromium(realfusion_bench, tmp_path):
     for v in videos:
         # data-state is set by the page's script once the first frame decoded ('loaded') or failed ('error')
         assert 'data-state="loaded"' in v, v
-        assert os.path.isfile(out / re.search(r'src="([^"]+)"', v).group(1))
+        assert os.path.isfile(out / re.search(r'data-file="([^"]+)"', v).group(1))
     run_report = out / "runs" / names[0] / "report.html"
     dom = chromium(tmp_path, run_report.as_uri(), "--dump-dom").stdout
     assert 'data-state="loaded"' in dom and '<table id="metrics">' in dom and "psnr" in dom

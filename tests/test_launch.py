@@ -107,3 +107,84 @@ def test_broken_extension_fails_loudly(tmp_path):
 def test_exactly_one_mode_required():
     r = launch("--config", TOY, "--train", "--test")
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+
+def csv_steps(trial):
+    rows = list(csv.DictReader(open(trial / "logs" / "csv" / "metrics.csv")))
+    return sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+
+
+def test_logs_survive_resume_test_and_export(tmp_path):
+    """Lightning's CSV logger used to delete logs/csv/metrics.csv whenever a run opened the folder again."""
+    r = launch("--config", TOY, "--train", f"exp_root_dir={tmp_path}", "after_train=[]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trial = tmp_path / "toy" / "run"
+    assert csv_steps(trial) == list(range(6))
+    r = launch("--config", str(trial / "configs" / "parsed.yaml"), "--train", f"resume={trial}",
+               "trainer.max_steps=9", "after_train=[]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert csv_steps(trial) == list(range(9))  # the first run's rows are still there
+    for mode in ("--test", "--export"):
+        r = launch("--config", str(trial / "configs" / "parsed.yaml"), mode)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert csv_steps(trial) == list(range(9)), mode
+
+
+def test_unreadable_newest_checkpoint_falls_back(tmp_path):
+    r = launch("--config", TOY, "--train", f"exp_root_dir={tmp_path}", "after_train=[]", "trainer.max_steps=9")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = tmp_path / "toy" / "run" / "ckpts"
+    assert sorted(os.listdir(ckpts)) == ["epoch=0-step=6.ckpt", "epoch=0-step=9.ckpt", "last.ckpt"]  # the last two
+    parsed = str(tmp_path / "toy" / "run" / "configs" / "parsed.yaml")
+
+    def cut(name):
+        data = (ckpts / name).read_bytes()
+        (ckpts / name).write_bytes(data[: len(data) // 2])
+
+    cut("last.ckpt")
+    r = launch("--config", parsed, "--export")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"checkpoint {ckpts / 'last.ckpt'} is unreadable" in r.stderr
+    assert f"using {ckpts / 'epoch=0-step=9.ckpt'} instead" in r.stderr
+    a, b = map(float, (tmp_path / "toy" / "run" / "save" / "export" / "params.txt").read_text().split())
+    state = torch.load(ckpts / "epoch=0-step=9.ckpt", weights_only=False)["state_dict"]
+    assert (a, b) == pytest.approx((float(state["a"]), float(state["b"])), abs=1e-5)
+
+    cut("epoch=0-step=9.ckpt")
+    cut("epoch=0-step=6.ckpt")
+    r = launch("--config", parsed, "--export")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: no readable checkpoint in {ckpts}: last.ckpt (truncated")
+    assert "epoch=0-step=6.ckpt (truncated" in last
+
+
+def test_second_process_on_a_running_trial_stops(tmp_path):
+    trial = tmp_path / "toy" / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from it3d.core.lock import TrialLock; "
+         f"TrialLock({str(trial)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
+        env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "custom")), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = launch("--config", TOY, "--train", f"exp_root_dir={tmp_path}")
+        assert r.returncode == 1
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: trial dir {trial} is in use by process {holder.pid} (since ")
+        assert sorted(os.listdir(trial)) == ["run.lock"]  # nothing was written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: its lock is stale and is taken over
+    r = launch("--config", TOY, "--train", f"exp_root_dir={tmp_path}", "after_train=[]", "trainer.max_steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"process {holder.pid}" in r.stderr and "taking over its stale lock" in r.stderr
+    assert (trial / "run.lock").read_text() == ""  # released
+
+
+def test_bad_gpu_and_typos_are_one_line(tmp_path):
+    r = launch("--config", TOY, "--train", f"exp_root_dir={tmp_path}", "--gpu", "a,b")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+        "error: --gpu a,b: expected GPU indices such as 0 or 0,1"
+    r = launch("--config", TOY, "--trian")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -10,7 +10,7 @@ import sys
 import traceback
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from .core import io
@@ -27,18 +27,36 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="[%(levelname)s] %(message)s", stream=sys.stderr, force=True)
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:  # library chatter that says nothing about the run
-        import warnings
+    if not verbose:
+        quiet_libraries()
 
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-        warnings.filterwarnings("ignore", message=r".*val_dataloader.* but have no `validation_step`.*")
-        warnings.filterwarnings("ignore", message=r".*predict returned None.*")  # --export writes files instead
+
+# library chatter that says nothing about the run (shown with --verbose)
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*val_dataloader.* but have no `validation_step`.*",
+    r".*predict returned None.*",  # --export writes files instead
+    r".*`torch_dtype` is deprecated.*",  # diffusers 0.3x/0.4x while models are loaded with dtype=
+    r".*Checkpoint directory .* exists and is not empty.*",  # resumes write beside the earlier checkpoints
+    # it3d's training batches are a function of the step, so a mid-epoch resume continues exactly
+    r".*resuming from a checkpoint that ended before the epoch ended.*",
+)
+
+
+def quiet_libraries() -> None:
+    """Hide library warnings and loading bars: transformers' and diffusers' loggers at error level, their
+    progress bars ("Loading pipeline components", "Loading weights") off, and known harmless warnings."""
+    import warnings
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for module in ("transformers.utils", "diffusers.utils"):
         try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover - transformers is a requirement
-            pass
+            lib_logging = importlib.import_module(module).logging
+        except (ImportError, AttributeError):  # pragma: no cover - both are requirements
+            continue
+        lib_logging.set_verbosity_error()
+        lib_logging.disable_progress_bar()
 
 
 def extension_dirs() -> List[str]:
@@ -75,7 +93,12 @@ def configure_device(gpu: str) -> dict:
     """Trainer accelerator/devices from --gpu; CPU (with one log line) when CUDA is absent."""
     import torch
 
-    ids = [int(g) for g in str(gpu).split(",") if g.strip() != ""]
+    try:
+        ids = [int(g) for g in str(gpu).split(",") if g.strip() != ""]
+    except ValueError:
+        raise It3dError(f"--gpu {gpu}: expected GPU indices such as 0 or 0,1") from None
+    if any(i < 0 for i in ids):
+        raise It3dError(f"--gpu {gpu}: GPU indices start at 0")
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         bad = [i for i in ids if i >= n]
@@ -108,13 +131,16 @@ def prepare_config(config_files: Sequence[str], overrides: Sequence[str], device
 
 def _prepare_config(config_files: Sequence[str], overrides: Sequence[str], device: str, n_gpus: int):
     cfg = load_config(*config_files, cli_args=overrides)
+    if cfg.get("stages") is not None and not isinstance(cfg.stages, ListConfig):
+        raise ConfigError(f"stages must be a list of {{name, config, run, overrides}} entries, got {cfg.stages!r}")
     cfg.n_gpus = n_gpus
     if "system" in cfg and isinstance(cfg.system, DictConfig) and cfg.system.get("device", "auto") == "auto":
         cfg.system.device = device
     if cfg.get("stages") and cfg.get("resume"):
-        from .systems.pipeline import trial_dir_from_resume
+        from .systems.pipeline import resume_target
 
-        cfg.trial_dir = trial_dir_from_resume(str(cfg.resume))
+        names = [str(s.get("name")) for s in cfg.stages if isinstance(s, DictConfig)]
+        cfg.trial_dir, _ = resume_target(str(cfg.resume), names)
     cfg.trial_dir = make_trial_dir(cfg)
     if cfg.get("stages"):
         from .systems.pipeline import prepare_stages
@@ -126,49 +152,105 @@ def _prepare_config(config_files: Sequence[str], overrides: Sequence[str], devic
         prepare_stages(cfg, device)  # every stage checked before any work starts
     else:
         parsed = validate_experiment(cfg)
+        if parsed.resume is not None:
+            parsed.resume = cfg.resume = resume_checkpoint(parsed.resume)
     return cfg, parsed
 
 
+def resume_checkpoint(resume: str) -> str:
+    """``resume=`` of a single-stage run: a checkpoint (checked readable) or a trial dir (its newest readable one)."""
+    from .core.checkpoint import newest_readable, require_readable
+
+    if os.path.isdir(resume):
+        ckpt = newest_readable(os.path.join(resume, "ckpts"))
+        if ckpt is None:
+            raise ConfigError(f"resume: {resume} holds no checkpoint (ckpts/*.ckpt)")
+        return ckpt
+    require_readable(resume, "resume")
+    return resume
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Before any work: the input files the config names can be read (photo, maps, model weights)."""
+    from .core.checkpoint import require_readable
+    from .preprocess.entry import check_inputs as check_data
+
+    trial = str(cfg.trial_dir)
+    check_data(cfg.get("data"), produced_under=trial)
+    layers = [("", cfg)] + [(f"stage '{k}': ", v) for k, v in (cfg.get("stage") or {}).items()]
+    for prefix, node in layers:
+        weights = OmegaConf.select(node, "system.weights", default=None) if isinstance(node, DictConfig) else None
+        if isinstance(weights, str) and not os.path.abspath(weights).startswith(os.path.abspath(trial) + os.sep):
+            try:
+                require_readable(weights, "system.weights")
+            except It3dError as e:
+                raise ConfigError(f"{prefix}{e}") from None
+
+
+MODES = ("train", "validate", "test", "export", "preprocess")
+
+
 def run_cli(args, extras: Sequence[str]) -> int:
+    """Run one launch.py command; every failure ends in one ``error:`` line (its traceback with --verbose)."""
     setup_logging(args.verbose)
     try:
-        import_extensions()
-        dev = configure_device(args.gpu)
-        mode = next((m for m in ("train", "validate", "test", "export", "preprocess") if getattr(args, m)), "train")
-        dry_run = bool(getattr(args, "dry_run", False))
-        cfg, parsed = prepare_config(args.config, extras, device=dev["device"],
-                                     n_gpus=len(dev["devices"]) if isinstance(dev["devices"], list) else 1)
-        from .core import hub
-        from .runner.preflight import preflight
-
-        hub.set_precision(parsed.precision)
-        if mode in ("train", "preprocess") or dry_run:
-            preflight(cfg, parsed, mode, dev["device"], dry_run=dry_run)  # before anything is written
-        if dry_run:
-            return 0
-        if parsed.stages:
-            from .systems.pipeline import run_pipeline
-
-            run_pipeline(cfg, parsed, mode, dev, stage=args.stage)
-        elif mode == "preprocess":
-            from .preprocess.entry import preprocess_from_config
-
-            preprocess_from_config(cfg, dev["device"])
-        else:
-            run_stage(cfg, parsed, mode, dev)
-        return 0
+        return _run_cli(args, extras)
+    except KeyboardInterrupt:
+        return _fail("interrupted", args.verbose, 130)
     except It3dError as e:
         for line in getattr(e, "lines", ()):  # details of a multi-item error (the pre-flight's missing models)
             print(line, file=sys.stderr)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+        return _fail(str(e), args.verbose)
     except OmegaConfBaseException as e:
-        print(f"error: {config_error_message(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return _fail(config_error_message(e), args.verbose)
+    except Exception as e:  # a bug: still one line; --verbose shows where
+        detail = traceback.format_exception_only(type(e), e)[-1].strip()
+        return _fail(f"internal error: {detail} (rerun with --verbose for the traceback, and please report it)",
+                     args.verbose)
+
+
+def _fail(message: str, verbose: bool, code: int = 1) -> int:
+    if verbose:
+        traceback.print_exc()
+    line = message.splitlines()[0] if message.strip() else "failed"
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def _run_cli(args, extras: Sequence[str]) -> int:
+    import_extensions()
+    dev = configure_device(args.gpu)
+    mode = next((m for m in MODES if getattr(args, m)), "train")
+    dry_run = bool(getattr(args, "dry_run", False))
+    cfg, parsed = prepare_config(args.config, extras, device=dev["device"],
+                                 n_gpus=len(dev["devices"]) if isinstance(dev["devices"], list) else 1)
+    check_inputs(cfg)
+    from .core import hub
+    from .core.lock import TrialLock
+    from .runner.preflight import preflight
+
+    hub.set_precision(parsed.precision)
+    if mode in ("train", "preprocess") or dry_run:
+        preflight(cfg, parsed, mode, dev["device"], dry_run=dry_run)  # before anything is written
+    if dry_run:
+        return 0
+
+    with TrialLock(str(cfg.trial_dir)):
+        dispatch(cfg, parsed, mode, dev, args.stage)
+    return 0
+
+
+def dispatch(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, stage: Optional[str] = None) -> None:
+    if parsed.stages:
+        from .systems.pipeline import run_pipeline
+
+        run_pipeline(cfg, parsed, mode, dev, stage=stage)
+    elif mode == "preprocess":
+        from .preprocess.entry import preprocess_from_config
+
+        preprocess_from_config(cfg, dev["device"])
+    else:
+        run_stage(cfg, parsed, mode, dev)
 
 
 def config_error_message(e: OmegaConfBaseException) -> str:
@@ -208,31 +290,41 @@ def mixed_precision(system: Any, parsed: ExperimentConfig, dev: dict) -> Optiona
 def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks: Optional[list] = None,
                   precision: Optional[str] = None):
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     from .core.checkpoint import AtomicCheckpointIO
+    from .core.trainer_parts import AppendingCSVLogger
 
-    ckpt_kwargs = {"save_last": True, "every_n_train_steps": None}
-    ckpt_kwargs.update(dict(parsed.checkpoint or {}))
-    from .runner.timing import StepTimer
-
-    cbs = [ModelCheckpoint(dirpath=os.path.join(trial_dir, "ckpts"), **ckpt_kwargs), StepTimer(trial_dir)] + \
-        list(callbacks or [])
     loggers = [
         TensorBoardLogger(save_dir=trial_dir, name="logs", version="tb", default_hp_metric=False),
-        CSVLogger(save_dir=trial_dir, name="logs", version="csv"),
+        AppendingCSVLogger(save_dir=trial_dir, name="logs", version="csv"),
     ]
     # inference_mode=False: normals come from autograd (density gradients) in validation/test too
     tkw = {"max_steps": 1000, "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
-           "inference_mode": False}
+           "inference_mode": False, "enable_progress_bar": True}
     tkw.update(dict(parsed.trainer or {}))
     if precision is not None:
         tkw["precision"] = precision
     tkw.setdefault("accelerator", dev["accelerator"])
     tkw.setdefault("devices", dev["devices"])
+    from .runner.timing import StepTimer
+
+    cbs = [checkpoint_callback(parsed, trial_dir), StepTimer(trial_dir)] + list(callbacks or [])
+    if tkw["enable_progress_bar"]:
+        from .core.trainer_parts import StepProgressBar
+
+        cbs.append(StepProgressBar(label=os.path.basename(os.path.normpath(trial_dir))))
     return pl.Trainer(default_root_dir=trial_dir, callbacks=cbs, logger=loggers,
                       plugins=[AtomicCheckpointIO()], **tkw)
+
+
+def checkpoint_callback(parsed: ExperimentConfig, trial_dir: str):
+    """``ckpts/last.ckpt`` plus the last two ``epoch=*-step=*.ckpt`` (a fallback when the newest is unreadable)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_kwargs = {"save_last": True, "every_n_train_steps": None, "monitor": "step", "mode": "max", "save_top_k": 2}
+    ckpt_kwargs.update(dict(parsed.checkpoint or {}))
+    return ModelCheckpoint(dirpath=os.path.join(trial_dir, "ckpts"), **ckpt_kwargs)
 
 
 def build_components(cfg: DictConfig, parsed: ExperimentConfig, trial_dir: str, resumed: bool, **system_kwargs):
@@ -245,7 +337,8 @@ def build_components(cfg: DictConfig, parsed: ExperimentConfig, trial_dir: str, 
     return dm, system
 
 
-def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, **system_kwargs) -> str:
+def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, callbacks: Optional[list] = None,
+              **system_kwargs) -> str:
     """One Lightning run (train / validate / test / export) in ``cfg.trial_dir``. Returns the trial dir."""
     import lightning.pytorch as pl
 
@@ -254,22 +347,14 @@ def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, *
     trial_dir = str(cfg.trial_dir)
     hub.set_precision(parsed.precision)
     pl.seed_everything(parsed.seed, workers=True, verbose=False)
-    resume = parsed.resume
-    if resume is not None and not os.path.isfile(resume):
-        raise It3dError(f"resume: checkpoint not found: {resume}")
-    if mode in ("validate", "test", "export") and resume is None:
-        last = os.path.join(trial_dir, "ckpts", "last.ckpt")
-        if os.path.isfile(last):
-            resume = last
+    resume = _checkpoint_for(parsed, mode, trial_dir)
     if mode == "train":
+        check_weights(parsed, resumed=resume is not None)
         write_configs(cfg, trial_dir)
     dm, system = build_components(cfg, parsed, trial_dir, resumed=resume is not None, **system_kwargs)
-    trainer = build_trainer(parsed, trial_dir, dev, precision=mixed_precision(system, parsed, dev))
+    trainer = build_trainer(parsed, trial_dir, dev, callbacks, precision=mixed_precision(system, parsed, dev))
     log.info(f"trial dir: {trial_dir}")
     if mode == "train":
-        bad = [m for m in parsed.after_train if m not in ("test", "export")]
-        if bad:
-            raise ConfigError(f"after_train: unknown mode '{bad[0]}' (use test and/or export)")
         trainer.fit(system, datamodule=dm, ckpt_path=resume)
         for after in parsed.after_train:
             log.info(f"after training: --{after}")
@@ -284,3 +369,24 @@ def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, *
     elif mode == "export":
         trainer.predict(system, datamodule=dm, ckpt_path=resume, return_predictions=False)
     return trial_dir
+
+
+def _checkpoint_for(parsed: ExperimentConfig, mode: str, trial_dir: str) -> Optional[str]:
+    """The checkpoint a run starts from: ``resume=`` (checked when the config was prepared), else for
+    --test/--export/--validate the trial's newest readable one."""
+    from .core.checkpoint import newest_readable
+
+    if parsed.resume is not None:
+        return parsed.resume
+    if mode in ("validate", "test", "export"):
+        return newest_readable(os.path.join(trial_dir, "ckpts"))
+    return None
+
+
+def check_weights(parsed: ExperimentConfig, resumed: bool) -> None:
+    """``system.weights`` (model weights only, loaded when not resuming) must be a readable checkpoint."""
+    from .core.checkpoint import require_readable
+
+    weights = (parsed.system or {}).get("weights") if isinstance(parsed.system, dict) else None
+    if weights and not resumed:
+        require_readable(str(weights), "system.weights")

@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import registry
 from .errors import ConfigError, It3dError  # noqa: F401  (ConfigError is re-exported)
+from .ranges import check, check_dataclass, unbounded  # noqa: F401  (field helpers, re-exported)
 from .registry import suggest
 from .resolvers import register_resolvers
 from .schedule import C, check_schedule  # noqa: F401  (re-exported)
@@ -130,6 +131,7 @@ def parse_structured(cls, cfg: Any = None, path: str = "") -> Any:
         raise ConfigError(f"bad value for '{_join(path, key)}': {msg}") from None
     _put_schedules(obj, scheds)
     _check_missing(cls, obj, path)
+    check_dataclass(cls, obj, path)  # natural ranges (steps >= 0, probabilities in [0, 1], ...)
     return obj
 
 
@@ -245,29 +247,20 @@ class ExperimentConfig:
     data: dict = field(default_factory=dict)
     system_type: str = component("system", "coarse", "system")
     system: dict = field(default_factory=dict)
-    trainer: dict = field(default_factory=dict)
-    checkpoint: dict = field(default_factory=dict)
+    # Lightning Trainer / ModelCheckpoint arguments (checked by it3d.core.lightning_args)
+    trainer: dict = field(default_factory=dict, metadata={"opaque": True})
+    checkpoint: dict = field(default_factory=dict, metadata={"opaque": True})
     # what --train does once training ends (on the final weights): any of test, export
     after_train: List[str] = field(default_factory=lambda: ["test", "export"])
     # staged pipelines (it3d.systems.pipeline): ordered list of {name, config, run, overrides}
-    stages: List[Any] = field(default_factory=list)
-    stage: dict = field(default_factory=dict)  # per-stage overrides by name: stage.coarse.system.x=...
-    stage_dirs: dict = field(default_factory=dict)  # set by the pipeline: name -> stage dir (for ${stage_dirs.x})
+    stages: List[Any] = field(default_factory=list, metadata={"opaque": True})
+    # per-stage overrides by name: stage.coarse.system.x=... (checked with each stage's config)
+    stage: dict = field(default_factory=dict, metadata={"opaque": True})
+    # set by the pipeline: name -> stage dir (for ${stage_dirs.x})
+    stage_dirs: dict = field(default_factory=dict, metadata={"opaque": True})
 
 
-def _check_trainer(cfg: ExperimentConfig) -> None:
-    import inspect
-
-    try:
-        from lightning.pytorch import Trainer
-        from lightning.pytorch.callbacks import ModelCheckpoint
-    except Exception:  # pragma: no cover - lightning is a requirement
-        return
-    for key, fn in (("trainer", Trainer.__init__), ("checkpoint", ModelCheckpoint.__init__)):
-        allowed = [p for p in inspect.signature(fn).parameters if p != "self"]
-        for k in getattr(cfg, key) or {}:
-            if k not in allowed:
-                raise ConfigError(f"unknown config key '{key}.{k}'{suggest(k, allowed)}")
+AFTER_TRAIN = ("test", "export")
 
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -282,9 +275,15 @@ def check_precision(value: Any, path: str = "precision") -> str:
 
 def validate_experiment(cfg: Any) -> ExperimentConfig:
     """Parse and check the whole run config (the experiment and every component in it)."""
+    from .lightning_args import check_section
+
     parsed = validate_dataclass(ExperimentConfig, cfg, "")
     check_precision(parsed.precision)
-    _check_trainer(parsed)
+    for section in ("trainer", "checkpoint"):
+        check_section(section, parsed.trainer if section == "trainer" else parsed.checkpoint)
+    bad = [m for m in parsed.after_train or [] if m not in AFTER_TRAIN]
+    if bad:
+        raise ConfigError(f"after_train: unknown mode {bad[0]!r} (use any of {', '.join(AFTER_TRAIN)}, or [])")
     return parsed
 
 
@@ -304,25 +303,61 @@ def parse_overrides(overrides: Sequence[str]):
     return sets, deletes
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "msg", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _delete_key(cfg: DictConfig, dotted: str) -> None:
     parts = dotted.split(".")
-    node = cfg
-    for p in parts[:-1]:
-        if p not in node:
-            raise ConfigError(f"cannot delete '{dotted}': '{p}' not found{suggest(p, list(node.keys()))}")
-        node = node[p]
-    if parts[-1] not in node:
-        raise ConfigError(f"cannot delete '{dotted}': key not found{suggest(parts[-1], list(node.keys()))}")
-    del node[parts[-1]]
+    if not dotted or "" in parts:
+        raise ConfigError(f"cannot delete '{dotted}': not a dotted key")
+    node: Any = cfg
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, DictConfig):
+            if p not in node:
+                raise ConfigError(f"cannot delete '{dotted}': '{p}' not found{suggest(p, [str(k) for k in node.keys()])}")
+            if last:
+                del node[p]
+                return
+            node = node._get_node(p)
+        elif isinstance(node, ListConfig) and p.lstrip("-").isdigit() and -len(node) <= int(p) < len(node):
+            if last:
+                del node[int(p)]
+                return
+            node = node._get_node(int(p))
+        else:
+            parent = ".".join(parts[:i]) or "<root>"
+            raise ConfigError(f"cannot delete '{dotted}': '{parent}' has no entry '{p}'")
+
+
+def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    """One ``key=value`` / ``+key=value`` / ``~key``; any failure is a one-line ConfigError naming the item."""
+    if item.startswith("~"):
+        _delete_key(cfg, item[1:].split("=", 1)[0])
+        return cfg
+    text = item[1:] if item.startswith("+") else item
+    key = text.split("=", 1)[0]
+    if not key or "" in key.split(".") or key != key.strip():
+        raise ConfigError(f"bad override '{item}': '{key}' is not a dotted key")
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text.split('=', 1)[1]}"]), resolve=False)["v"]
+        OmegaConf.update(cfg, key, value, merge=True, force_add=True)  # list items too: stages.1.config=...
+    except Exception as e:  # noqa: BLE001 - OmegaConf, YAML and merge errors alike
+        raise ConfigError(f"bad override '{item}': {_first_line(e)}") from None
+    return cfg
 
 
 def load_yaml(path: str) -> DictConfig:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    if os.path.isdir(path):
+        raise ConfigError(f"config {path} is a directory, not a YAML file")
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:
-        raise ConfigError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot read config {path}: {yaml_error_message(e)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     # `extends: other.yaml` (relative to this file) is merged underneath
@@ -336,6 +371,15 @@ def load_yaml(path: str) -> DictConfig:
     return cfg
 
 
+def yaml_error_message(e: Exception) -> str:
+    """A YAML syntax error as ``line L, column C: problem`` (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def load_config(*yamls: str, cli_args: Sequence[str] = (), extra: Optional[dict] = None) -> DictConfig:
     """Merge YAML files in order, then ``extra``, then CLI overrides. Not yet resolved."""
     cfg = OmegaConf.create()
@@ -345,13 +389,7 @@ def load_config(*yamls: str, cli_args: Sequence[str] = (), extra: Optional[dict]
         cfg = OmegaConf.merge(cfg, OmegaConf.create(extra))
     parse_overrides(cli_args)  # check the syntax of all of them first
     for item in cli_args:  # then apply in the order given: `+a.b={...} ~a.b.c` works
-        if item.startswith("~"):
-            _delete_key(cfg, item[1:].split("=", 1)[0])
-            continue
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item[1:] if item.startswith("+") else item]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"bad override '{item}': {str(e).splitlines()[0]}") from None
+        cfg = _apply_override(cfg, item)
     return cfg
 
 

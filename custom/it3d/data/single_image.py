@@ -34,11 +34,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..core import registry
 from ..core.base import Updateable
-from ..core.config import ConfigError
+from ..core.config import ConfigError, check, unbounded
 from ..core.errors import It3dError
 from ..core.typing import Float, Tensor
 from . import random_views as rv
 from .base import BaseDataModule
+from .images import check_photo_size, object_warnings, read_image  # noqa: F401  (read_image is re-exported)
 
 
 # ----------------------------------------------------------------------------- image helpers
@@ -55,26 +56,6 @@ def find_sibling_map(image_path: str, kind: str) -> Optional[str]:
     if stem in ("rgba", "image") and os.path.isfile(os.path.join(folder, f"{kind}.png")):
         return os.path.join(folder, f"{kind}.png")
     return None
-
-
-def read_image(path: str) -> np.ndarray:
-    """H W C float32 in [0, 1] (8/16-bit PNG, JPEG) or the raw array of a ``.npy``."""
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        raise It3dError(f"image not found: {path}")
-    if path.endswith(".npy"):
-        arr = np.load(path).astype(np.float32)
-        return arr[..., None] if arr.ndim == 2 else arr
-    im = Image.open(path)
-    arr = np.asarray(im)
-    if arr.dtype == np.uint16 or im.mode.startswith("I"):
-        arr = arr.astype(np.float32) / 65535.0
-    elif arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
-    else:
-        arr = arr.astype(np.float32)
-    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def object_bbox(mask: Float[Tensor, "H W"], threshold: float = 0.5) -> Tuple[int, int, int, int]:
@@ -110,8 +91,10 @@ class SingleImageDataModule(BaseDataModule, Updateable):
         normal_path: Optional[str] = None
         require_depth: bool = True
         require_normal: bool = False
-        depth_convention: str = "disparity"  # disparity (larger = nearer) | depth (larger = farther)
-        normal_convention: str = "opengl"  # opengl | opencv (camera-space axes of the normal map)
+        # disparity (larger = nearer) | depth (larger = farther)
+        depth_convention: str = check("disparity", choices=("disparity", "depth"))
+        # opengl | opencv (camera-space axes of the normal map)
+        normal_convention: str = check("opengl", choices=("opengl", "opencv"))
         prompt: str = ""  # overrides caption
         caption: str = ""
         preprocess: dict = field(default_factory=dict)
@@ -119,7 +102,7 @@ class SingleImageDataModule(BaseDataModule, Updateable):
         border_ratio: float = 0.2
         # reference camera
         ref_elevation: float = 0.0
-        ref_azimuth: float = 0.0
+        ref_azimuth: float = unbounded(0.0)
         ref_distance: float = 1.0
         ref_fovy: float = 60.0
         # training resolution schedule
@@ -147,6 +130,18 @@ class SingleImageDataModule(BaseDataModule, Updateable):
         eval_width: int = 256
 
     cfg: Config
+
+    @classmethod
+    def validate_config(cls, cfg: Any, path: str) -> Any:
+        """The datamodule's config and its ``preprocess`` section (estimators included), before any work."""
+        parsed = super().validate_config(cfg, path)
+        try:
+            from ..preprocess.config import parse_preprocess_config
+            from ..preprocess.entry import preprocess_config_from_data
+        except ImportError:  # pragma: no cover - preprocessing is part of it3d
+            return parsed
+        parse_preprocess_config(preprocess_config_from_data(dataclasses.asdict(parsed)), f"{path}.preprocess")
+        return parsed
 
     def configure(self, **kwargs) -> None:
         c = self.cfg
@@ -212,6 +207,7 @@ class SingleImageDataModule(BaseDataModule, Updateable):
             return self
         c = self.cfg
         img = read_image(c.image_path)
+        check_photo_size(img.shape, c.image_path)
         self._from_pre = False
         # a map only preprocessing can make comes framed with its own RGBA: then use that frame throughout
         missing = [k for k, g, req in (("depth", c.depth_path, c.require_depth),
@@ -241,6 +237,8 @@ class SingleImageDataModule(BaseDataModule, Updateable):
             else:
                 alpha = read_image(mask_path)[..., :1]
         h, w = rgb.shape[:2]
+        if not self._from_pre:  # preprocessing warned about its own framing already
+            object_warnings(alpha[..., 0], c.image_path)
         alpha_t = torch.from_numpy(np.ascontiguousarray(alpha)).permute(2, 0, 1)
         if alpha_t.shape[-2:] != (h, w):
             alpha_t = resize(alpha_t, h, w)

@@ -1,4 +1,5 @@
-"""Result tables (CSV + Markdown) and self-contained HTML reports (relative links, no external assets).
+"""Result tables (CSV + Markdown) and self-contained HTML reports (pictures and videos embedded as
+``data:`` URIs, no external assets; links only to the downloadable files: exports, logs, tables).
 
 * :func:`write_tables` -> ``<out>/results.csv`` and ``<out>/results.md``: one row per input plus a
   ``mean`` row (mean over the finished inputs of every numeric column; unavailable values are
@@ -15,6 +16,7 @@ Rebuild the tables and the benchmark report from the finished runs (e.g. after a
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import glob
 import html
@@ -117,17 +119,35 @@ def page(title: str, body: str) -> str:
             "</body></html>\n")
 
 
+MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif",
+        ".mp4": "video/mp4", ".webm": "video/webm"}
+EMBED_LIMIT = 32 * 2 ** 20  # a bigger video is linked instead (said on the page)
+
+
+def data_uri(path: str) -> Optional[str]:
+    """``data:<mime>;base64,...`` of a file (None when it is too big to embed)."""
+    if os.path.getsize(path) > EMBED_LIMIT:
+        return None
+    mime = MIME.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
+    with open(path, "rb") as f:
+        return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
+
+
 def figure(src: Optional[str], caption: str, base: str) -> str:
-    if not src:
+    if not src or not os.path.isfile(src):
         return f"<figure><div class=\"fail\">({esc(caption)}: not found)</div></figure>"
-    return f"<figure><img class=\"t\" src=\"{esc(rel(src, base))}\" alt=\"{esc(caption)}\"><figcaption>{esc(caption)}</figcaption></figure>"
+    uri = data_uri(src) or rel(src, base)
+    return (f"<figure><img class=\"t\" src=\"{esc(uri)}\" data-file=\"{esc(rel(src, base))}\" alt=\"{esc(caption)}\">"
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
 def video(src: Optional[str], base: str) -> str:
-    if not src:
+    if not src or not os.path.isfile(src):
         return "<div class=\"fail\">(no turntable video)</div>"
-    return (f"<video controls loop muted autoplay playsinline preload=\"auto\" "
-            f"src=\"{esc(rel(src, base))}\"></video>")
+    uri = data_uri(src)
+    note = "" if uri else f"<div>({esc(rel(src, base))} is too big to embed: linked)</div>"
+    return (f"<video controls loop muted autoplay playsinline preload=\"auto\" data-file=\"{esc(rel(src, base))}\" "
+            f"src=\"{esc(uri or rel(src, base))}\"></video>{note}")
 
 
 def html_table(rows: Sequence[Dict], base: str, links: Optional[Dict[str, str]] = None, with_mean: bool = True) -> str:

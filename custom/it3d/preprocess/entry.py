@@ -27,9 +27,11 @@ import torch
 from ..core import io
 from ..core.base import build
 from ..core.errors import It3dError
+from ..data.images import object_warnings, read_photo
 from ..data.single_image import read_image
 from . import maps
 from .config import PreprocessConfig, parse_preprocess_config
+from .mask import NoObjectError, blank_photo
 
 log = logging.getLogger("it3d")
 DATA_KEYS = ("mask_path", "depth_path", "normal_path", "border_ratio", "depth_convention")
@@ -123,9 +125,14 @@ def _raw_mask(r: _Run, photo: np.ndarray, alpha: Optional[np.ndarray]) -> np.nda
     if not r.enabled("mask"):
         raise It3dError(f"{r.image_path} has no alpha channel and mask estimation is off: set data.mask_path "
                         f"or data.preprocess.mask_type")
+    check_not_blank(photo, r.image_path)
     small = maps.downscale_uint8(photo, c.max_side)
     image = torch.from_numpy(small.astype(np.float32) / 255.0)[None].to(r.device)
-    mask = r.estimator("mask")(image, None)[0, ..., 0].float().cpu().numpy()
+    try:
+        mask = r.estimator("mask")(image, None)[0, ..., 0].float().cpu().numpy()
+    except NoObjectError as e:
+        raise It3dError(f"no object could be segmented in {r.image_path}: {e}; give an RGBA image whose alpha "
+                        f"shows the object, or data.mask_path") from None
     io.save_image(r.paths["mask"], mask)
     r.mark("mask")
     return mask
@@ -136,6 +143,7 @@ def _frame(r: _Run, need_depth: bool, need_normal: bool) -> None:
     c = r.c
     photo, alpha = maps.load_photo(r.image_path)
     mask = _raw_mask(r, photo, alpha)
+    object_warnings(mask, r.image_path)
     h, w = maps.working_size(mask, photo.shape[:2], c.size, c.border_ratio)
     rgb = np.asarray(maps.downscale_uint8(photo, max(h, w))).astype(np.float32) / 255.0
     h, w = rgb.shape[:2]
@@ -179,6 +187,8 @@ def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -
     ``caption`` (str) and ``mask`` (path, when a mask was estimated) -- the ones that could be made."""
     c = cfg if isinstance(cfg, PreprocessConfig) else parse_preprocess_config(cfg)
     device = torch.device(device if c.device == "auto" else c.device)
+    if os.path.isdir(image_path):
+        raise It3dError(f"{image_path} is a directory, not an image file")
     if not os.path.isfile(image_path):
         raise It3dError(f"image not found: {image_path}")
     r = _Run(image_path, c, device)
@@ -237,6 +247,43 @@ def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -
         folder = os.path.dirname(r.paths["rgba"])
         log.info(f"preprocessed {image_path}: made {', '.join(sorted(r.written))} in {folder}")
     return out
+
+
+def check_not_blank(photo: np.ndarray, path: str) -> None:
+    colour = blank_photo(photo)
+    if colour:
+        raise It3dError(f"no object in {path}: the photo is {colour} throughout, there is nothing to segment; give a "
+                        f"photo of the object, or an RGBA image whose alpha shows it")
+
+
+def check_inputs(data: Any, produced_under: Optional[str] = None) -> None:
+    """Before any work: the photo (``data.image_path``) and the maps given by hand exist and can be read,
+    the photo is big enough, and a photo without alpha or mask is not blank. Paths under
+    ``produced_under`` (a trial dir) are made by an earlier stage and are not checked."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=True, throw_on_missing=False)
+    if not isinstance(data, dict):
+        return
+    pre = data.get("preprocess") if isinstance(data.get("preprocess"), dict) else {}
+
+    def given(value) -> bool:
+        if not isinstance(value, str) or value in ("", "???"):
+            return False
+        inside = produced_under and os.path.abspath(value).startswith(os.path.abspath(produced_under) + os.sep)
+        return not inside
+
+    for key, value in [(f"data.{k}", data.get(k)) for k in ("mask_path", "depth_path", "normal_path")] + \
+            [(f"data.preprocess.{k}", pre.get(k)) for k in ("mask_path", "depth_path", "normal_path")]:
+        if given(value) and not os.path.isfile(value):
+            raise It3dError(f"{key}: file not found: {value}")
+    image = data.get("image_path")
+    if not given(image):
+        return
+    photo, alpha = read_photo(image)
+    if alpha is None and not (data.get("mask_path") or pre.get("mask_path")):
+        check_not_blank(photo, image)
 
 
 def preprocess_config_from_data(data_cfg: Any) -> Dict[str, Any]:

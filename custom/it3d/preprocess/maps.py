@@ -12,7 +12,6 @@ Files written by preprocessing (``<stem>`` = the photo's name without extension)
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import numpy as np
@@ -22,23 +21,14 @@ from PIL import Image
 from ..core import io
 from ..core.errors import It3dError
 from ..core.typing import Float, Tensor
+from ..data.images import read_photo
 from ..data.single_image import read_image, recentre, resize
 
 
 def load_photo(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """H W 3 uint8 and, when the file has a non-trivial alpha channel, H W float alpha in [0, 1]."""
-    if not os.path.isfile(path):
-        raise It3dError(f"image not found: {path}")
-    try:
-        im = Image.open(path)
-        im.load()
-    except OSError as e:
-        raise It3dError(f"cannot read image {path}: {e}") from None
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        arr = np.asarray(im.convert("RGBA"))
-        alpha = arr[..., 3]
-        return np.ascontiguousarray(arr[..., :3]), (alpha.astype(np.float32) / 255.0 if alpha.min() < 255 else None)
-    return np.asarray(im.convert("RGB")), None
+    """H W 3 uint8 and, when the file has a non-trivial alpha channel, H W float alpha in [0, 1]
+    (any picture format, EXIF orientation applied: ``it3d.data.images.read_photo``)."""
+    return read_photo(path)
 
 
 def resize_array(arr: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Load a finished stage for the next one: ``load_stage(stage_dir)`` -> (system, datamodule).
 
-Reads ``<stage_dir>/configs/parsed.yaml`` and ``<stage_dir>/ckpts/last.ckpt``; the system is
+Reads ``<stage_dir>/configs/parsed.yaml`` and the stage's newest readable checkpoint
+(``ckpts/last.ckpt``, else the one before it, with a warning); the system is
 built without its guidance models (they are not in checkpoints and are not needed to render),
 put in eval mode on ``device``; the datamodule is prepared (``dm.reference``, ``dm.caption``).
 """
@@ -13,23 +14,27 @@ import torch
 from omegaconf import OmegaConf
 
 from ..core import registry
+from ..core.checkpoint import newest_readable, require_readable
 from ..core.config import validate_experiment
 from ..core.errors import It3dError
 
 
 def load_stage(stage_dir: Optional[str] = None, device="cpu", config_path: Optional[str] = None,
                ckpt_path: Optional[str] = None, build_guidance: bool = False) -> Tuple[object, object]:
-    """``stage_dir`` (its configs/parsed.yaml + ckpts/last.ckpt), or explicit ``config_path`` + ``ckpt_path``."""
+    """``stage_dir`` (its configs/parsed.yaml + newest readable checkpoint), or explicit ``config_path`` + ``ckpt_path``."""
     if stage_dir is None and not (config_path and ckpt_path):
         raise It3dError("load_stage: give a stage dir, or both config_path and ckpt_path")
     cfg_path = config_path or os.path.join(stage_dir, "configs", "parsed.yaml")
-    ckpt_path = ckpt_path or os.path.join(stage_dir, "ckpts", "last.ckpt")
     if stage_dir is None:
         stage_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
     if not os.path.isfile(cfg_path):
         raise It3dError(f"load_stage: {cfg_path} not found: is {stage_dir} a trained stage's trial dir?")
-    if not os.path.isfile(ckpt_path):
-        raise It3dError(f"load_stage: {ckpt_path} not found: train the stage first (or its run was interrupted)")
+    if ckpt_path:
+        require_readable(ckpt_path, "load_stage")
+    else:
+        ckpt_path = newest_readable(os.path.join(stage_dir, "ckpts"))
+    if not ckpt_path:
+        raise It3dError(f"load_stage: no checkpoint in {stage_dir}/ckpts: train the stage first")
     import it3d  # noqa: F401  (registers every component)
 
     cfg = OmegaConf.load(cfg_path)

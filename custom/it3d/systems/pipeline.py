@@ -13,31 +13,32 @@ sections (``data``, ``seed``, ``name``, ``tag``) <- the stage's ``overrides`` <-
 (the place for command-line overrides: ``stage.coarse.system.guidance.zero123.weight=0``).
 Stages live in ``<trial>/<name>/`` and refer to earlier ones with ``${stage_dirs.<name>}``.
 
-A stage is finished when ``<stage dir>/stats.json`` exists (written last, with its wall time
-and peak memory). Re-running on the same trial dir (``trial_dir=...`` or
-``resume=<trial dir or a stage checkpoint>``) skips finished stages and resumes the
-interrupted one from its ``ckpts/last.ckpt``.
+A stage is finished when ``<stage dir>/stats.json`` exists (written last, with its wall time over
+every attempt and its peak memory; see :mod:`.stage_state`). Re-running on the same trial dir
+(``trial_dir=...`` or ``resume=<trial dir>``) skips finished stages and resumes the interrupted one
+from its newest readable checkpoint; ``resume=<trial>/<stage>/ckpts/<name>.ckpt`` resumes that
+stage from that very checkpoint. A stage started or finished with another config is never
+continued with this one: the run stops and names the keys that differ.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import resource
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..core import io
+from ..core.checkpoint import newest_readable, require_readable
 from ..core.config import ConfigError, load_yaml, parse_structured, validate_experiment
 from ..core.errors import It3dError
+from .stage_state import Attempt, check_unchanged, fingerprint, is_done, reset_peak_memory, stage_config
 
 log = logging.getLogger("it3d")
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
                            "configs")
-SHARED_KEYS = ("name", "tag", "seed", "exp_root_dir", "use_timestamp", "timestamp", "description", "precision")
+SHARED_KEYS = ("name", "tag", "seed", "exp_root_dir", "use_timestamp", "timestamp", "description", "after_train",
+               "precision")
 RUNS = ("lightning", "preprocess", "text-to-image")
 
 
@@ -50,6 +51,13 @@ class StageSpec:
 
 
 def stage_specs(cfg: DictConfig) -> List[StageSpec]:
+    if not isinstance(cfg.stages, ListConfig):
+        raise ConfigError(f"stages must be a list of {{name, config, run, overrides}} entries, got {cfg.stages!r}")
+    for key, val in (cfg.get("stage") or {}).items() if isinstance(cfg.get("stage"), DictConfig) else ():
+        if val is not None and not isinstance(val, DictConfig):
+            raise ConfigError(f"stage.{key} must be a mapping of that stage's config keys, got {val!r}")
+    if cfg.get("stage") is not None and not isinstance(cfg.get("stage"), DictConfig):
+        raise ConfigError(f"stage must be a mapping by stage name (stage.<name>.<key>=...), got {cfg.stage!r}")
     specs = []
     for i, entry in enumerate(cfg.stages):
         spec = parse_structured(StageSpec, entry, f"stages.{i}")
@@ -84,13 +92,34 @@ def resolve_config_path(path: str) -> str:
     raise ConfigError(f"stage config not found: {path} (looked in . and {CONFIG_ROOT})")
 
 
-def trial_dir_from_resume(resume: str) -> str:
-    """``resume`` may be a staged trial dir or a checkpoint inside one (``<trial>/<stage>/ckpts/x.ckpt``)."""
-    if os.path.isdir(resume):
-        return resume
-    if os.path.isfile(resume):
-        return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(resume))))
-    raise It3dError(f"resume: not found: {resume}")
+def _is_trial(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "configs", "parsed.yaml"))
+
+
+def resume_target(resume: str, stage_names: List[str]) -> Tuple[str, Optional[str]]:
+    """``resume=`` of a staged run -> (trial dir, the checkpoint it names or None).
+
+    ``resume`` is a trial dir, one of its stage dirs, or a checkpoint ``<trial>/<stage>/ckpts/<name>.ckpt``
+    (checked readable). Anything else stops here, before a folder is made anywhere.
+    """
+    path = os.path.abspath(str(resume))
+    if os.path.isdir(path):
+        if _is_trial(path):
+            return path, None
+        if os.path.basename(path) in stage_names and _is_trial(os.path.dirname(path)):
+            return os.path.dirname(path), None
+        raise ConfigError(f"resume: {resume} is not the trial dir of a staged run (it has no configs/parsed.yaml)")
+    if not os.path.exists(path):
+        raise ConfigError(f"resume: not found: {resume}")
+    ckpts = os.path.dirname(path)
+    stage_dir = os.path.dirname(ckpts)
+    trial = os.path.dirname(stage_dir)
+    if os.path.basename(ckpts) != "ckpts" or os.path.basename(stage_dir) not in stage_names or not _is_trial(trial):
+        raise ConfigError(f"resume: {resume} is not inside a trial dir of this config (expected "
+                          f"<trial>/<stage>/ckpts/<name>.ckpt with <stage> one of {', '.join(stage_names)}, "
+                          f"or the trial dir itself)")
+    require_readable(path, "resume")
+    return trial, path
 
 
 def build_stage_config(cfg: DictConfig, spec: StageSpec, trial_dir: str, specs: List[StageSpec]) -> DictConfig:
@@ -110,7 +139,11 @@ def build_stage_config(cfg: DictConfig, spec: StageSpec, trial_dir: str, specs: 
     own = (cfg.get("stage", {}) or {}).get(spec.name)
     if own:
         layers.append(rooted(own))
-    scfg = OmegaConf.merge(*layers)
+    try:
+        scfg = OmegaConf.merge(*layers)
+    except Exception as e:  # noqa: BLE001 - e.g. stage.coarse.data=[1] over a mapping
+        raise ConfigError(f"stage '{spec.name}': its config files and overrides do not combine: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     scfg.trial_dir = os.path.join(trial_dir, spec.name)
     scfg.stage_dirs = {s.name: os.path.join(trial_dir, s.name) for s in specs}
     scfg.resume = None
@@ -150,31 +183,7 @@ def prepare_stages(cfg: DictConfig, device: str) -> List[tuple]:
     return out
 
 
-def is_done(stage_dir: str) -> bool:
-    return os.path.isfile(os.path.join(stage_dir, "stats.json"))
-
-
-def _reset_peak_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def write_stats(stage_dir: str, wall_s: float) -> Dict[str, Any]:
-    """wall time and the stage's peak GPU memory; peak RSS is the process's peak so far (it cannot be reset)."""
-    import torch
-
-    stats = {"wall_s": round(wall_s, 3),
-             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-             "peak_gpu_mem_bytes": int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None}
-    io.write_text(os.path.join(stage_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
-    return stats
-
-
 def run_pipeline(cfg: DictConfig, parsed: Any, mode: str, dev: dict, stage: Optional[str] = None) -> str:
-    from ..run import run_stage, write_configs
-
     trial_dir = str(cfg.trial_dir)
     stages = prepare_stages(cfg, dev["device"])
     names = [s.name for s, _, _ in stages]
@@ -182,53 +191,98 @@ def run_pipeline(cfg: DictConfig, parsed: Any, mode: str, dev: dict, stage: Opti
         from ..core.registry import suggest
 
         raise It3dError(f"--stage {stage}: no such stage{suggest(stage, names)} (stages: {', '.join(names)})")
-
     if mode in ("test", "export", "validate"):
-        candidates = [t for t in stages if t[0].run == "lightning" and (stage is None or t[0].name == stage)]
-        done = [t for t in candidates if os.path.isfile(os.path.join(t[1].trial_dir, "ckpts", "last.ckpt"))]
-        if not done:
-            raise It3dError(f"--{mode}: no trained stage with a checkpoint in {trial_dir}"
-                            + (f" (stage '{stage}')" if stage else "") + "; run --train first")
-        spec, scfg, sparsed = done[-1]
-        scfg.resume = os.path.join(scfg.trial_dir, "ckpts", "last.ckpt")
-        sparsed.resume = scfg.resume
-        log.info(f"--{mode} on stage '{spec.name}' ({scfg.trial_dir})")
-        return run_stage(scfg, sparsed, mode, dev)
-
+        return _evaluate(stages, mode, dev, stage, trial_dir)
     if mode == "preprocess":
         for spec, scfg, _ in stages:
             if spec.run == "preprocess":
                 _run_preprocess(scfg, dev["device"])
         return trial_dir
+    return _train(cfg, stages, dev, trial_dir)
 
+
+def _evaluate(stages: List[tuple], mode: str, dev: dict, stage: Optional[str], trial_dir: str) -> str:
+    """--test / --export / --validate on the last trained stage (or ``--stage``), from its newest readable checkpoint."""
+    from ..run import run_stage
+
+    candidates = [t for t in stages if t[0].run == "lightning" and (stage is None or t[0].name == stage)]
+    for spec, scfg, sparsed in reversed(candidates):
+        ckpt = newest_readable(os.path.join(str(scfg.trial_dir), "ckpts"))
+        if ckpt is None:
+            continue
+        scfg.resume = sparsed.resume = ckpt
+        log.info(f"--{mode} on stage '{spec.name}' ({scfg.trial_dir})")
+        return run_stage(scfg, sparsed, mode, dev)
+    raise It3dError(f"--{mode}: no trained stage with a checkpoint in {trial_dir}"
+                    + (f" (stage '{stage}')" if stage else "") + "; run --train first")
+
+
+def _stage_configs(stages: List[tuple], trial_dir: str) -> List[dict]:
+    """Each stage's fingerprinted config; a stage's includes the fingerprint of the stage before it."""
+    out, previous = [], None
+    for _, scfg, _ in stages:
+        flat = stage_config(scfg, trial_dir, previous)
+        previous = fingerprint(flat)
+        out.append(flat)
+    return out
+
+
+def _named_checkpoint(cfg: DictConfig, stages: List[tuple]) -> Tuple[Optional[str], Optional[str]]:
+    """``resume=<trial>/<stage>/ckpts/<name>.ckpt``: (that stage, that checkpoint); a finished stage is refused."""
+    resume = cfg.get("resume")
+    if not resume or not os.path.isfile(str(resume)):
+        return None, None
+    stage_dir = os.path.dirname(os.path.dirname(os.path.abspath(str(resume))))
+    name = os.path.basename(stage_dir)
+    if is_done(stage_dir):
+        raise ConfigError(f"resume: stage '{name}' has finished, so it is not trained again from {resume}; "
+                          f"resume={os.path.dirname(stage_dir)} continues the run, a new trial dir trains anew")
+    return name, os.path.abspath(str(resume))
+
+
+def _train(cfg: DictConfig, stages: List[tuple], dev: dict, trial_dir: str) -> str:
+    from ..run import write_configs
+
+    named_stage, named_ckpt = _named_checkpoint(cfg, stages)
+    flats = _stage_configs(stages, trial_dir)
+    for (spec, scfg, _), flat in zip(stages, flats):  # nothing is written before every stage is checked
+        check_unchanged(str(scfg.trial_dir), spec.name, flat)
     write_configs(cfg, trial_dir)
-    for spec, scfg, sparsed in stages:
+    for (spec, scfg, sparsed), flat in zip(stages, flats):
         sdir = str(scfg.trial_dir)
         if is_done(sdir):
             log.info(f"stage '{spec.name}': finished earlier, skipped")
             continue
-        start = time.time()
-        _reset_peak_memory()
-        if spec.run == "preprocess":
-            log.info(f"stage '{spec.name}': preprocessing")
-            os.makedirs(sdir, exist_ok=True)
-            _run_preprocess(scfg, dev["device"])
-        elif spec.run == "text-to-image":
-            from .text_to_image import generate_reference
-
-            generate_reference(own_config(cfg, spec), sdir, dev["device"], path=f"stage.{spec.name}")
-        else:
-            last = os.path.join(sdir, "ckpts", "last.ckpt")
-            if os.path.isfile(last):
-                log.info(f"stage '{spec.name}': resuming from {last}")
-                scfg.resume = last
-                sparsed.resume = last
-            else:
-                log.info(f"stage '{spec.name}': training")
-            run_stage(scfg, sparsed, "train", dev)
-        stats = write_stats(sdir, time.time() - start)
-        log.info(f"stage '{spec.name}': done in {stats['wall_s']:.1f} s")
+        attempt = Attempt(sdir, flat)
+        reset_peak_memory()
+        _run_stage(cfg, spec, scfg, sparsed, dev, attempt, named_ckpt if spec.name == named_stage else None)
+        stats = attempt.finish()
+        log.info(f"stage '{spec.name}': done in {stats['wall_s']:.1f} s"
+                 + (f" over {stats['attempts']} attempts" if stats["attempts"] > 1 else ""))
     return trial_dir
+
+
+def _run_stage(cfg: DictConfig, spec: StageSpec, scfg: DictConfig, sparsed: Any, dev: dict, attempt: Attempt,
+               ckpt: Optional[str]) -> None:
+    from ..run import run_stage
+
+    sdir = str(scfg.trial_dir)
+    if spec.run == "preprocess":
+        log.info(f"stage '{spec.name}': preprocessing")
+        os.makedirs(sdir, exist_ok=True)
+        _run_preprocess(scfg, dev["device"])
+    elif spec.run == "text-to-image":
+        from .text_to_image import generate_reference
+
+        generate_reference(own_config(cfg, spec), sdir, dev["device"], path=f"stage.{spec.name}")
+    else:
+        ckpt = ckpt or newest_readable(os.path.join(sdir, "ckpts"))
+        if ckpt:
+            log.info(f"stage '{spec.name}': resuming from {ckpt}")
+            scfg.resume = sparsed.resume = ckpt
+        else:
+            log.info(f"stage '{spec.name}': training")
+        run_stage(scfg, sparsed, "train", dev, callbacks=[attempt.callback()])
 
 
 def _run_preprocess(scfg: DictConfig, device: str) -> None:

@@ -3,7 +3,8 @@
 It is registered from outside custom/it3d (via IT3D_CUSTOM_DIRS), exactly as a user's
 extension package dropped into custom/ would be.
 """
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -53,7 +54,6 @@ class ToySystem(BaseSystem):
     class Config(BaseSystem.Config):
         init: float = 0.0
         loss_weight: float = schedule(1.0)
-        sleep_s: float = 0.0  # slows training down so tests can interrupt it
 
     def configure(self):
         self.a = torch.nn.Parameter(torch.tensor(self.cfg.init))
@@ -66,10 +66,11 @@ class ToySystem(BaseSystem):
 
     def training_step(self, batch, batch_idx):
         self.seen_steps.append(self.true_global_step)
-        if self.cfg.sleep_s:
+        sleep_s = float(os.environ.get("IT3D_TOY_SLEEP_S", "0"))  # slows training so tests can interrupt it
+        if sleep_s:
             import time
 
-            time.sleep(self.cfg.sleep_s)
+            time.sleep(sleep_s)
         with open(self.get_save_path("steps.log"), "a") as f:
             f.write(f"{self.true_global_step}\n")
         loss = self.C(self.cfg.loss_weight) * ((self.a * batch["x"] + self.b - batch["y"]) ** 2).mean()
