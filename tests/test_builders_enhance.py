@@ -74,13 +74,20 @@ def test_sam_union_applies_only_at_or_above_threshold():
     assert not applied and torch.equal(out, mask)
 
 
-def test_builder_with_sam_and_enhance():
+def test_builder_with_sam_and_enhance(monkeypatch):
+    # SAM's predicted IoU of the random tiny model can be any real number: pin it to 0.5 so that the
+    # thresholds 0 and 1 (the ends of the allowed range) always / never unite
+    from it3d.preprocess.sam import SamSegmenter
+
+    segment = SamSegmenter.segment
+    monkeypatch.setattr(SamSegmenter, "segment", lambda self, *a, **k: (lambda m, s: (m, torch.full_like(s, 0.5)))(
+        *segment(self, *a, **k)))
     few = {"num_points": 4000, "isosurface_resolution": 40, "elevations": [0.0], "azimuths": [30.0, 180.0]}
     sam = {"enabled": True, "pretrained_model_name_or_path": tiny_model_dir("sam")}
     ref = make_reference()
     coarse = SceneCoarse()
-    b_on, on = build("mesh-sampling", {**few, "sam": {**sam, "score_threshold": -1e9}}, coarse, ref)
-    b_off, off = build("mesh-sampling", {**few, "sam": {**sam, "score_threshold": 1.1}}, coarse, ref)
+    b_on, on = build("mesh-sampling", {**few, "sam": {**sam, "score_threshold": 0.0}}, coarse, ref)
+    b_off, off = build("mesh-sampling", {**few, "sam": {**sam, "score_threshold": 1.0}}, coarse, ref)
     assert b_on.stats["sam_applied"] == [True, True] and b_off.stats["sam_applied"] == [False, False]
     assert torch.equal(on["is_ref"], off["is_ref"])  # the reference view never uses SAM
     # a united (larger) mask lets the novel views colour at least as many points
