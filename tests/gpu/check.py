@@ -189,7 +189,7 @@ def dtypes(log_path: str) -> Dict[str, List[str]]:
 
 def run_method(method: str, config: str, precision: str, image: str, work: str, env: Dict[str, str],
                figures: Dict[str, Dict[str, Any]], steps: int, refine_steps: int, rehearsal: bool,
-               timeout: float) -> Dict[str, Any]:
+               timeout: float, extra: List[str] = ()) -> Dict[str, Any]:
     out_root = os.path.join(work, "runs", f"{method}-{precision}")
     shutil.rmtree(out_root, ignore_errors=True)
     dlog = os.path.join(out_root, "dtypes.jsonl")
@@ -199,6 +199,7 @@ def run_method(method: str, config: str, precision: str, image: str, work: str, 
            "tag=run", *overrides(figures, steps, refine_steps, rehearsal)]
     if not rehearsal:  # random BLIP weights caption nothing; the prompts and DreamBooth's class need words
         cmd.append("data.preprocess.caption=a photo of a teddy bear on a table")
+    cmd += list(extra)
     t0 = time.time()
     try:
         r = subprocess.run(cmd, cwd=ROOT, env={**env, "IT3D_DTYPE_LOG": dlog}, capture_output=True, text=True,
@@ -298,6 +299,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline-s", type=float, default=540.0, help="kill a run still going at this many seconds")
     p.add_argument("--rehearsal", action="store_true", help="CPU rehearsal: the tiny configs with tiny models")
     p.add_argument("--work", default="/tmp/it3d-gpu-work")
+    p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     a = p.parse_args(argv)
     t_start = time.time()
     os.makedirs(a.out, exist_ok=True)
@@ -332,7 +334,7 @@ def main(argv=None) -> int:
                 continue
             log(f"run {method} {precision} ({left:.0f} s left)")
             res = run_method(method, configs[method], precision, image, a.work, env, figures[method], a.steps,
-                             a.refine_steps, a.rehearsal, a.deadline_s - (time.time() - t_start))
+                             a.refine_steps, a.rehearsal, a.deadline_s - (time.time() - t_start), a.extra)
             report["runs"].append(res)
             log(json.dumps({k: v for k, v in res.items() if k != "dtypes"}))
             log(f"  dtypes: {json.dumps(res['dtypes'])}")

@@ -67,9 +67,9 @@ def _hash_fwd(x_ptr, table_ptr, res_ptr, off_ptr, dense_ptr, out_ptr, N, hmask, 
     cz, fz, _ = _axis(x_ptr, n, mask, 2, res)
     acc = tl.zeros([BLOCK, F], dtype=tl.float32)
     for c in tl.static_range(8):
-        dx: tl.constexpr = (c >> 2) & 1
-        dy: tl.constexpr = (c >> 1) & 1
-        dz: tl.constexpr = c & 1
+        dx = (c >> 2) & 1
+        dy = (c >> 1) & 1
+        dz = c & 1
         wx = fx if dx else 1.0 - fx
         wy = fy if dy else 1.0 - fy
         wz = fz if dz else 1.0 - fz
@@ -107,9 +107,9 @@ def _hash_bwd(x_ptr, table_ptr, res_ptr, off_ptr, dense_ptr, g_ptr, gtable_ptr, 
         ly = tl.zeros([BLOCK], dtype=tl.float32)
         lz = tl.zeros([BLOCK], dtype=tl.float32)
         for c in tl.static_range(8):
-            dx: tl.constexpr = (c >> 2) & 1
-            dy: tl.constexpr = (c >> 1) & 1
-            dz: tl.constexpr = c & 1
+            dx = (c >> 2) & 1
+            dy = (c >> 1) & 1
+            dz = c & 1
             wx = fx if dx else 1.0 - fx
             wy = fy if dy else 1.0 - fy
             wz = fz if dz else 1.0 - fz
@@ -159,9 +159,9 @@ def _hash_bwd2(x_ptr, table_ptr, res_ptr, off_ptr, dense_ptr, g_ptr, ggx_ptr, gt
     g = tl.load(g_ptr + n[:, None] * (L * F) + lvl * F + f[None, :], mask=mask[:, None], other=0.0)
     acc = tl.zeros([BLOCK, F], dtype=tl.float32)
     for c in tl.static_range(8):
-        dx: tl.constexpr = (c >> 2) & 1
-        dy: tl.constexpr = (c >> 1) & 1
-        dz: tl.constexpr = c & 1
+        dx = (c >> 2) & 1
+        dy = (c >> 1) & 1
+        dz = c & 1
         wx = fx if dx else 1.0 - fx
         wy = fy if dy else 1.0 - fy
         wz = fz if dz else 1.0 - fz

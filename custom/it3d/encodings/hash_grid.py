@@ -38,6 +38,8 @@ two backends are interchangeable in capacity but their parameters are not.
 """
 from __future__ import annotations
 
+import logging
+
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -169,14 +171,22 @@ class HashGridEncoding(nn.Module):
             if self.backend == "tcnn":
                 return self._tcnn(x.clamp(0.0, 1.0)).float()
             if self._use_triton(x, twice_differentiable):
-                return self._forward_triton(x)
+                try:
+                    return self._forward_triton(x)
+                except Exception as e:  # the kernel does not compile / launch with this Triton or GPU
+                    if self.cfg.backend == "triton":
+                        raise It3dError(f"{self.path}.backend=triton: the kernel failed ({type(e).__name__}: "
+                                        f"{str(e).strip().splitlines()[-1]}); use backend: torch") from None
+                    self._triton_failed = True
+                    logging.getLogger("it3d").warning(
+                        f"{self.path}: the Triton hash-grid kernel failed ({type(e).__name__}); using the torch path")
             return self._forward_torch(x, twice_differentiable)
 
     # ------------------------------------------------------------------ triton backend
     def _use_triton(self, x: Tensor, twice: bool) -> bool:
         mode = self.cfg.backend
         f = self.cfg.n_features_per_level
-        if mode == "torch" or f & (f - 1):
+        if mode == "torch" or f & (f - 1) or getattr(self, "_triton_failed", False):
             return False
         if x.is_cuda:
             return triton_kernels() is not None and (mode == "triton" or _triton_supports(x.device))
