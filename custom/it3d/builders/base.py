@@ -280,3 +280,9 @@ class ViewBuilder(BaseBuilder):
 
     def build(self, coarse: Any, reference: Dict[str, Any]) -> Dict[str, Tensor]:
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Let go of the img2img pipeline and SAM (the refine system calls it once the cloud is built)."""
+        for part in (self.enhancer, self.sam_union):
+            if part is not None:
+                part.release()

@@ -79,19 +79,36 @@ class Img2ImgEnhancer:
     @property
     def pipe(self):
         if self._pipe is None:
-            from diffusers import StableDiffusionImg2ImgPipeline
-
-            pipe = hub.load(StableDiffusionImg2ImgPipeline, self.cfg.pretrained_model_name_or_path,
-                            dtype=self.cfg.dtype, device=self.device, config_key=_config_key("enhance"),
-                            safety_checker=None, requires_safety_checker=False)
-            pipe = pipe.to(self.device)
-            # a light pass re-runs 1-8 steps: DDIM, not the repo's PNDM (SD2-base), whose multistep warm-up needs more
-            from diffusers import DDIMScheduler
-
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-            pipe.set_progress_bar_config(disable=True)
-            self._pipe = pipe
+            self._pipe = self._build_pipe()
         return self._pipe
+
+    def _build_pipe(self):
+        """``StableDiffusionImg2ImgPipeline`` assembled from components loaded one by one through the hub
+        cache, under the same keys (model, subfolder, dtype, device) as the guidance terms' own loads: when
+        the refine guidance names the same model (Customize-It-3D: the DreamBooth pipeline), the UNet, VAE
+        and text encoder here *are* the guidance's -- no second copy on the device."""
+        from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline,
+                               UNet2DConditionModel)
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        name, key = self.cfg.pretrained_model_name_or_path, _config_key("enhance")
+        dtype = hub.resolve_dtype(self.cfg.dtype, self.device)
+
+        def part(cls, sub, **kw):
+            return hub.load(cls, name, subfolder=sub, device=self.device, config_key=key, **kw)
+
+        # a light pass re-runs 1-8 steps: DDIM, not the repo's PNDM (SD2-base), whose multistep warm-up needs more
+        pipe = StableDiffusionImg2ImgPipeline(
+            vae=part(AutoencoderKL, "vae", dtype=dtype), text_encoder=part(CLIPTextModel, "text_encoder", dtype=dtype),
+            tokenizer=part(CLIPTokenizer, "tokenizer"), unet=part(UNet2DConditionModel, "unet", dtype=dtype),
+            scheduler=DDIMScheduler.from_config(part(DDIMScheduler, "scheduler").config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def release(self) -> None:
+        """Drop the pipeline (its models are freed once the hub cache and the guidance no longer hold them)."""
+        self._pipe = None
 
     def strength_for(self, angle_deg: float) -> float:
         return self.cfg.strength_front if angle_deg <= self.cfg.front_angle else self.cfg.strength_other
@@ -151,6 +168,9 @@ class SamMaskUnion:
             self._seg = SamSegmenter(self.cfg.pretrained_model_name_or_path, self.device, self.cfg.dtype,
                                      config_key=_config_key("sam"))
         return self._seg
+
+    def release(self) -> None:
+        self._seg = None
 
     @torch.no_grad()
     def __call__(self, image: Float[Tensor, "1 H W 3"], mask: Bool[Tensor, "H W"]) -> Tuple[Tensor, bool, float]:

@@ -118,6 +118,9 @@ class BaseExporter(BaseObject):
 class BaseBuilder(BaseObject):
     """Builds a stage's starting point from a previous stage (e.g. NeRF -> point cloud)."""
 
+    def release(self) -> None:
+        """Let go of the models the build used (called once the result is built); nothing by default."""
+
 
 for _kind, _base in (
     ("geometry", BaseGeometry),

@@ -341,5 +341,17 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+def free_memory(device: Any = None) -> None:
+    """Between stages (and once the refine point cloud is built): drop the cache, collect what no one
+    references any more (Lightning's trainer and module hold reference cycles) and, on a CUDA device,
+    hand the allocator's cached blocks back so the next stage starts from an empty GPU."""
+    import gc
+
+    clear_cache()
+    gc.collect()
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def cached_count() -> int:
     return len(_cache)

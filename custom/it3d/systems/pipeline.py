@@ -29,6 +29,7 @@ from typing import Any, List, Optional, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..core import hub
 from ..core.checkpoint import newest_readable, require_readable
 from ..core.config import ConfigError, load_yaml, parse_structured, validate_experiment
 from ..core.errors import It3dError
@@ -257,6 +258,7 @@ def _train(cfg: DictConfig, stages: List[tuple], dev: dict, trial_dir: str) -> s
         reset_peak_memory()
         _run_stage(cfg, spec, scfg, sparsed, dev, attempt, named_ckpt if spec.name == named_stage else None)
         stats = attempt.finish()
+        hub.free_memory(dev["device"])  # the next stage loads its own models: none of this one's stay on the GPU
         log.info(f"stage '{spec.name}': done in {stats['wall_s']:.1f} s"
                  + (f" over {stats['attempts']} attempts" if stats["attempts"] > 1 else ""))
     return trial_dir

@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import io, registry
+from ..core import hub, io, registry
 from ..core.config import ConfigError, component, schedule, terms
 from ..core.errors import It3dError
 from ..core.typing import Float, Tensor
@@ -129,7 +129,12 @@ class RefineSystem(BaseSystem):
         if coarse is None and getattr(builder, "needs_coarse", True):
             raise ConfigError(f"builder '{self.cfg.builder_type}' needs the coarse stage: set system.coarse_stage_dir "
                               "(or system.coarse_config + system.coarse_ckpt)")
-        pts = builder.build(coarse, reference)
+        try:
+            pts = builder.build(coarse, reference)
+        finally:  # the builder's own models (SAM, the img2img pipeline) are not needed for training
+            builder.release()
+            del builder
+            hub.free_memory(self.run_device)
         for key in ("positions", "colors", "is_ref"):
             if key not in pts:
                 raise It3dError(f"builder '{self.cfg.builder_type}' returned no '{key}' (got {sorted(pts)})")
