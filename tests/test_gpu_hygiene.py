@@ -127,3 +127,75 @@ def test_refine_drops_the_builders_models_once_the_cloud_is_built(tmp_path):
         assert unet() is system.guidance["sd"].models["unet"]  # ... the guidance keeps its own
     finally:
         registry.unregister("builder", "test-model-builder")
+
+
+# ----------------------------------------------------------------------------- the run's device everywhere
+def _rgb_photo(path):
+    """The synthetic scene's photo without its alpha (on white) and without sibling maps: every estimator runs."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.asarray(Image.open(os.path.join(ROOT, "load", "synthetic", "rgba.png"))).astype(np.float32) / 255.0
+    rgb = rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
+    Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def device_spy(monkeypatch):
+    """Records the device every preprocessing estimator is built for and every model is loaded on."""
+    from it3d.preprocess import entry
+
+    seen = {"estimators": {}, "loads": []}
+    build, load = entry.build, hub.load
+
+    def spy_build(kind, type_name, cfg=None, path="", **kw):
+        seen["estimators"][path] = torch.device(kw["device"])
+        return build(kind, type_name, cfg, path, **kw)
+
+    def spy_load(cls, id_or_path, *a, device="cpu", **kw):
+        if hub._accepts_dtype(cls):  # models (processors and tokenizers have no device)
+            seen["loads"].append((cls.__name__, torch.device(device)))
+        return load(cls, id_or_path, *a, device=device, **kw)
+
+    monkeypatch.setattr(entry, "build", spy_build)
+    monkeypatch.setattr(hub, "load", spy_load)
+    hub.clear_cache()
+    yield seen
+    hub.clear_cache()
+
+
+# "cpu:0" is a device of its own name: what reaches an estimator from the run, not the "cpu" default
+RUN_DEVICE = "cpu:0"
+ESTIMATORS = {"data.preprocess.mask", "data.preprocess.depth", "data.preprocess.normal", "data.preprocess.caption_model"}
+
+
+def test_preprocess_stage_runs_every_estimator_on_the_runs_device(tmp_path, device_spy):
+    from it3d.systems import pipeline
+
+    photo = _rgb_photo(tmp_path / "photo.png")
+    cfg, parsed = prepare_config([os.path.join(ROOT, "configs", "tiny", "make-it-3d.yaml")], [
+        f"data.image_path={photo}", f"exp_root_dir={tmp_path}", "data.preprocess.size=64",
+        "data.preprocess.max_side=64"], device=RUN_DEVICE)
+    pipeline.run_pipeline(cfg, parsed, "preprocess", {"accelerator": "cpu", "devices": 1, "device": RUN_DEVICE})
+    assert set(device_spy["estimators"]) == ESTIMATORS
+    assert set(device_spy["estimators"].values()) == {torch.device(RUN_DEVICE)}
+    classes = {c for c, _ in device_spy["loads"]}
+    assert {"SamModel", "BlipForConditionalGeneration"} <= classes and len(classes) >= 3  # SAM, depth, BLIP
+    assert {d for _, d in device_spy["loads"]} == {torch.device(RUN_DEVICE)}
+
+
+def test_single_stage_data_module_preprocesses_on_the_runs_device(tmp_path, device_spy):
+    photo = _rgb_photo(tmp_path / "photo.png")
+    pre = "data.preprocess"
+    cfg, parsed = prepare_config([os.path.join(ROOT, "configs", "tiny", "coarse.yaml")], [
+        f"data.image_path={photo}", f"trial_dir={tmp_path / 'trial'}", f"{pre}.size=64", f"{pre}.max_side=64",
+        f"{pre}.cache_dir={tmp_path / 'pre'}", f"+{pre}.mask={{pretrained_model_name_or_path: {tiny_model_dir('sam')}}}",
+        f"+{pre}.depth={{pretrained_model_name_or_path: {tiny_model_dir('depth')}}}",
+        f"+{pre}.caption_model={{pretrained_model_name_or_path: {tiny_model_dir('caption')}}}"], device=RUN_DEVICE)
+    assert cfg.data.device == RUN_DEVICE and cfg.system.device == RUN_DEVICE
+    dm = registry.get("datamodule", parsed.data_type)(cfg.data, path="data")
+    dm.prepare()
+    assert set(device_spy["estimators"]) == ESTIMATORS
+    assert set(device_spy["estimators"].values()) == {torch.device(RUN_DEVICE)}
+    assert device_spy["loads"] and {d for _, d in device_spy["loads"]} == {torch.device(RUN_DEVICE)}

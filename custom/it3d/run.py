@@ -134,8 +134,7 @@ def _prepare_config(config_files: Sequence[str], overrides: Sequence[str], devic
     if cfg.get("stages") is not None and not isinstance(cfg.stages, ListConfig):
         raise ConfigError(f"stages must be a list of {{name, config, run, overrides}} entries, got {cfg.stages!r}")
     cfg.n_gpus = n_gpus
-    if "system" in cfg and isinstance(cfg.system, DictConfig) and cfg.system.get("device", "auto") == "auto":
-        cfg.system.device = device
+    fill_device(cfg, device)
     if cfg.get("stages") and cfg.get("resume"):
         from .systems.pipeline import resume_target
 
@@ -155,6 +154,30 @@ def _prepare_config(config_files: Sequence[str], overrides: Sequence[str], devic
         if parsed.resume is not None:
             parsed.resume = cfg.resume = resume_checkpoint(parsed.resume)
     return cfg, parsed
+
+
+def fill_device(cfg: DictConfig, device: str) -> None:
+    """The run's device (from --gpu) into ``system.device`` and, for data modules that preprocess
+    (a ``device`` field), ``data.device`` where they say ``auto``: the estimators run there too."""
+    node = cfg.get("system")
+    if isinstance(node, DictConfig) and node.get("device", "auto") == "auto":
+        node.device = device
+    node = cfg.get("data")
+    if isinstance(node, DictConfig) and node.get("device", "auto") == "auto" and _has_device_field(cfg):
+        node.device = device
+
+
+def _has_device_field(cfg: DictConfig) -> bool:
+    import dataclasses
+
+    from .core import registry
+
+    try:
+        cls = registry.get("datamodule", str(cfg.get("data_type") or "single-image"))
+    except Exception:  # noqa: BLE001 - an unknown type fails validation with its own message
+        return False
+    config = getattr(cls, "Config", None)
+    return dataclasses.is_dataclass(config) and any(f.name == "device" for f in dataclasses.fields(config))
 
 
 def resume_checkpoint(resume: str) -> str:

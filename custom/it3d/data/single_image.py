@@ -98,7 +98,7 @@ class SingleImageDataModule(BaseDataModule, Updateable):
         prompt: str = ""  # overrides caption
         caption: str = ""
         preprocess: dict = field(default_factory=dict)
-        device: str = "cpu"  # for the preprocessing estimators
+        device: str = "auto"  # the preprocessing estimators' device: auto = the run's (--gpu), filled by launch
         border_ratio: float = 0.2
         # reference camera
         ref_elevation: float = 0.0
@@ -179,7 +179,10 @@ class SingleImageDataModule(BaseDataModule, Updateable):
             pre_cfg = preprocess_config_from_data(dataclasses.asdict(self.cfg))
         except ImportError:
             pre_cfg = self.cfg.preprocess
-        self._pre = ensure_preprocessed(self.cfg.image_path, pre_cfg, torch.device(self.cfg.device)) or {}
+        device = self.cfg.device
+        if device == "auto":  # not filled by launch (a datamodule built by hand): CUDA when there is one
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._pre = ensure_preprocessed(self.cfg.image_path, pre_cfg, torch.device(device)) or {}
         return self._pre
 
     def _need(self, kind: str, given: Optional[str], required: bool) -> Optional[str]:

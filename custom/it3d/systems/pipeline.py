@@ -161,6 +161,8 @@ def own_config(cfg: DictConfig, spec: StageSpec) -> DictConfig:
 
 def prepare_stages(cfg: DictConfig, device: str) -> List[tuple]:
     """Build and validate every stage's config before any work starts."""
+    from ..run import fill_device
+
     specs = stage_specs(cfg)
     trial_dir = str(cfg.trial_dir)
     out = []
@@ -172,8 +174,7 @@ def prepare_stages(cfg: DictConfig, device: str) -> List[tuple]:
             parse_structured(TextToImageConfig, own_config(cfg, spec), f"stage.{spec.name}")
             parsed = None
         elif spec.run == "lightning":
-            if "system" in scfg and scfg.system.get("device", "auto") == "auto":
-                scfg.system.device = device
+            fill_device(scfg, device)
             try:
                 parsed = validate_experiment(scfg)
             except ConfigError as e:
