@@ -199,3 +199,20 @@ def test_single_stage_data_module_preprocesses_on_the_runs_device(tmp_path, devi
     assert set(device_spy["estimators"]) == ESTIMATORS
     assert set(device_spy["estimators"].values()) == {torch.device(RUN_DEVICE)}
     assert device_spy["loads"] and {d for _, d in device_spy["loads"]} == {torch.device(RUN_DEVICE)}
+
+
+# ----------------------------------------------------------------------------- after_train per stage
+@pytest.mark.parametrize("extra, expected", [
+    ([], {"dreambooth": [], "coarse": [], "refine": ["test", "export"]}),
+    (["stage.coarse.after_train=[export]"], {"dreambooth": [], "coarse": ["export"], "refine": ["test", "export"]}),
+    (["after_train=[]"], {"dreambooth": [], "coarse": [], "refine": []}),
+    (["after_train=[test]", "stage.dreambooth.after_train=[test]"],
+     {"dreambooth": ["test"], "coarse": [], "refine": ["test"]}),
+])
+def test_only_the_final_stage_renders_and_exports_by_default(tmp_path, extra, expected):
+    from it3d.systems.pipeline import prepare_stages
+
+    cfg, _ = prepare_config([os.path.join(ROOT, "configs", "customize-it-3d.yaml")], [
+        "data.image_path=load/synthetic/rgba.png", f"exp_root_dir={tmp_path}", *extra], device="cpu")
+    got = {spec.name: list(parsed.after_train) for spec, _, parsed in prepare_stages(cfg, "cpu") if parsed}
+    assert got == expected

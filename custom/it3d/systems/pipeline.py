@@ -9,8 +9,15 @@ A staged config lists its stages::
       - {name: refine, config: stages/refine.yaml}
 
 Each stage's config = its own file (paths relative to ``configs/``) <- the root's shared
-sections (``data``, ``seed``, ``name``, ``tag``) <- the stage's ``overrides`` <- ``stage.<name>``
-(the place for command-line overrides: ``stage.coarse.system.guidance.zero123.weight=0``).
+sections (``data``, ``seed``, ``name``, ``tag``, ``precision``, ``after_train``) <- the stage's
+``overrides`` <- ``stage.<name>`` (the place for command-line overrides:
+``stage.coarse.system.guidance.zero123.weight=0``). ``after_train`` (test orbit and export after
+training) is the final stage's: the stages before it end with none (the final stage supersedes
+their outputs) unless ``stage.<name>.after_train`` asks for them.
+
+After each stage every model it loaded is freed (:func:`it3d.core.hub.free_memory`: the hub cache
+is cleared, garbage collected and, on CUDA, the allocator's cache emptied), so the next stage starts
+from an empty GPU.
 Stages live in ``<trial>/<name>/`` and refer to earlier ones with ``${stage_dirs.<name>}``.
 
 A stage is finished when ``<stage dir>/stats.json`` exists (written last, with its wall time over
@@ -133,6 +140,11 @@ def build_stage_config(cfg: DictConfig, spec: StageSpec, trial_dir: str, specs: 
         return OmegaConf.create(OmegaConf.to_container(node, resolve=True, throw_on_missing=False))
 
     shared = {k: cfg[k] for k in SHARED_KEYS if k in cfg}
+    trained = [s.name for s in specs if s.run == "lightning"]
+    if spec.run == "lightning" and spec.name != trained[-1]:
+        # an intermediate stage (dreambooth, coarse): the final stage's test orbit and export supersede its
+        # own; stage.<name>.after_train=[test, export] (or the stage's overrides) asks for them
+        shared["after_train"] = []
     layers = [base, OmegaConf.create(shared)]
     if "data" in cfg:
         layers.append(OmegaConf.create({"data": rooted(cfg.data)}))
