@@ -85,3 +85,19 @@ def test_caption_is_the_default_prompt_and_missing_prompt_fails(tmp_path):
     assert pp.directions(torch.zeros(1), torch.full((1,), 40.0)) == ["side"]
     with pytest.raises(ConfigError, match="system.guidance.sd.prompt_processor.view.front_treshold"):
         make_pp(tmp_path, view={"front_treshold": 30.0})
+
+
+def test_embeddings_are_picked_on_the_device_without_a_host_read(tmp_path):
+    from it3d.core.profiling import count_syncs
+
+    pp = make_pp(tmp_path, prompt="a teddy bear")
+    elev, azim = torch.tensor([0.0, 0.0, 0.0, 70.0]), torch.tensor([10.0, 90.0, 180.0, 0.0])
+    pp.get_text_embeddings(elev, azim)  # first call: encodes the four direction variants once
+    with count_syncs() as c:
+        cond, uncond = pp.get_text_embeddings(elev, azim)
+    assert c.count == 0 and c.uploads == 0, c.report()
+    names = pp.directions(elev, azim)
+    assert names == ["front", "side", "back", "overhead"]
+    expected = pp.encode([f"a teddy bear, {d} view" for d in names])
+    torch.testing.assert_close(cond, expected, rtol=0, atol=0)
+    torch.testing.assert_close(uncond, pp.encode([""]).expand_as(cond), rtol=0, atol=0)

@@ -153,3 +153,26 @@ def test_normal_smooth_3d_matches_the_perturbed_normal_difference():
     assert float(term({"weights": w, "sample_positions": pts3, "sample_normal": n3}, {})) == 0.0  # only sample 2
     with pytest.raises(ConfigError, match="geometry"):
         registry.get("loss", "normal-smooth-3d")({})(out, {})
+
+
+def test_depth_pearson_by_weights_equals_the_boolean_index_form_and_makes_no_host_sync():
+    from it3d.core.profiling import count_syncs
+    from it3d.losses import pearson
+
+    g = torch.Generator().manual_seed(3)
+    pred = torch.rand(1, 12, 10, 1, generator=g, requires_grad=True)
+    depth, mask = torch.rand(1, 12, 10, 1, generator=g), torch.rand(1, 12, 10, 1, generator=g)
+    term = registry.get("loss", "depth-pearson")({}, path="system.loss.d")
+    with count_syncs() as c:
+        val = term({"depth": pred}, {"depth": depth, "mask": mask})
+        val.backward()
+    assert c.count == 0, c.report()
+    fg = mask > 0.5
+    ref_pred = pred.detach().clone().requires_grad_(True)
+    expected = -pearson(ref_pred[fg], depth[fg])  # the definition: over the foreground pixels only
+    expected.backward()
+    torch.testing.assert_close(val.detach(), expected.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(pred.grad, ref_pred.grad, rtol=1e-5, atol=1e-7)
+    one = torch.zeros_like(mask)
+    one[0, 3, 4] = 1.0  # a single foreground pixel: no correlation to measure
+    assert float(term({"depth": pred}, {"depth": depth, "mask": one})) == 0.0

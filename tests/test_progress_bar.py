@@ -55,3 +55,22 @@ def test_log_lines_without_a_terminal(tmp_path, monkeypatch, caplog):
     # the first step of each run, then every tenth of the run (2 of 20, 3 of 30) and the last
     assert steps == [(1, 20)] + [(k, 20) for k in range(2, 21, 2)] + \
         [(saved + 1, 30)] + [(k, 30) for k in range(3, 31, 3) if k > saved + 1]
+
+
+def test_bar_reads_the_logged_values_only_every_log_every_n_steps(tmp_path, monkeypatch):
+    """Each read of the progress-bar metrics is a host sync on a GPU (the logged losses are device tensors)."""
+    from it3d.core.trainer_parts import StepProgressBar
+
+    reads, in_step = [], []
+    get, end = StepProgressBar.get_metrics, StepProgressBar.on_train_batch_end
+
+    def on_end(self, trainer, *a):
+        in_step.append(1)
+        end(self, trainer, *a)
+        in_step.pop()
+
+    monkeypatch.setattr(StepProgressBar, "on_train_batch_end", on_end)
+    monkeypatch.setattr(StepProgressBar, "get_metrics",
+                        lambda self, t, m: (reads.append(t.global_step) if in_step else None) or get(self, t, m))
+    train(tmp_path, monkeypatch, True, "trainer.max_steps=9", "trainer.log_every_n_steps=4")
+    assert reads == [4, 8, 9]  # after training steps: every 4th and the last, not every step

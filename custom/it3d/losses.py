@@ -29,6 +29,15 @@ def pearson(x: Float[Tensor, "N"], y: Float[Tensor, "N"], eps: float = 1e-8) -> 
     return (xc * yc).sum() / (xc.norm() * yc.norm() + eps)
 
 
+def masked_pearson(x: Tensor, y: Tensor, m: Tensor, eps: float = 1e-8) -> Float[Tensor, ""]:
+    """:func:`pearson` of the entries where the 0/1 weights ``m`` are 1 (any shape), computed with the
+    weights instead of a boolean index: no data-dependent shape, no host sync. 0 when ``m`` has < 2 ones."""
+    n = m.sum().clamp_min(1.0)
+    xc = (x - (x * m).sum() / n) * m
+    yc = (y - (y * m).sum() / n) * m
+    return (xc * yc).sum() / (xc.norm() * yc.norm() + eps)
+
+
 def weighted_terms(modules: Any, weights: Any, step: int, call: Callable[[str, Any], Optional[Tensor]],
                    skip: Callable[[str, Any], bool] = lambda n, m: False) -> Tuple[Optional[Tensor], Dict[str, Any]]:
     """``sum_i C(weight_i, step) * call(name_i, module_i)``; a zero weight (or ``skip``) never calls the term.
@@ -110,10 +119,9 @@ class DepthPearsonLoss(_Term):
         if "depth" not in ref:
             return None
         pred = out.get(self.cfg.key, out["depth"])
-        fg = _fg(ref, self.cfg.mask_threshold)
-        if fg.sum() < 2:
-            return None
-        return -pearson(pred[fg], ref["depth"][fg])
+        fg = _fg(ref, self.cfg.mask_threshold).to(pred.dtype)  # weights, not an index: no host sync
+        # fewer than 2 foreground pixels: no correlation to measure (0, no gradient)
+        return -masked_pearson(pred, ref["depth"].to(pred.dtype), fg)
 
 
 @registry.register("sparsity", kind="loss")

@@ -3,8 +3,9 @@
 * :class:`AppendingCSVLogger`: ``logs/csv/metrics.csv`` keeps its rows across resumes, ``--test``
   and ``--export`` (Lightning's CSVLogger deletes the file whenever a run opens the folder again);
 * :class:`StepProgressBar`: one bar over the whole training run, ``step / max_steps`` from the
-  global step (right after a resume too), no ``Epoch 0/-2`` or ``v_num``; where stderr is not a
-  terminal (a log file) it writes a log line every tenth of the run instead of a bar.
+  global step (right after a resume too), no ``Epoch 0/-2`` or ``v_num``; its loss values are read
+  from the device every ``log_every_n_steps`` steps (each read is a host sync), not every step; where
+  stderr is not a terminal (a log file) it writes a log line every tenth of the run instead of a bar.
 """
 from __future__ import annotations
 
@@ -108,7 +109,10 @@ class StepProgressBar(TQDMProgressBar):
             bar = self.train_progress_bar
             if self._should_update(step, bar.total or 0):
                 bar.n = step
-                bar.set_postfix(self.get_metrics(trainer, pl_module))
+                # the logged values are device tensors: reading them waits for the device, so only as often
+                # as the loggers do (log_every_n_steps), not every step
+                if step % max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)) == 0 or step == (bar.total or 0):
+                    bar.set_postfix(self.get_metrics(trainer, pl_module))
                 bar.refresh()
         elif total and trainer.is_global_zero and (self._first or step % max(1, round(total * self.log_fraction)) == 0
                                                    or step == total):

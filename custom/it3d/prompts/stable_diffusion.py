@@ -6,7 +6,10 @@
   ``overhead`` chosen from each view's azimuth (relative to the front azimuth) and elevation;
 * text embeddings are cached in memory (per process) and on disk, keyed by a hash of the model
   (id or local path plus its text-encoder file stamps) and the prompt, so a second call never
-  re-encodes. The tokenizer and text encoder are loaded only on a cache miss.
+  re-encodes. The tokenizer and text encoder are loaded only on a cache miss. A prompt's
+  embeddings (its four direction variants with view-dependent prompting) are also kept on the
+  device, and each view's direction is chosen there: a training step makes no host read of the
+  view angles and no copy of embeddings.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from ..core.registry import register
 from ..core.typing import Float, Tensor
 
 _MEMORY: Dict[str, Tensor] = {}
+DIRECTIONS = ("front", "side", "back", "overhead")  # the order of direction_index
 
 
 def clear_memory_cache() -> None:
@@ -87,23 +91,18 @@ class StableDiffusionPromptProcessor(BasePromptProcessor):
         return text
 
     # ------------------------------------------------------------------ directions
-    def directions(self, elevation: Tensor, azimuth: Tensor) -> List[str]:
-        """Direction name per view (B,) from angles in degrees."""
+    def direction_index(self, elevation: Tensor, azimuth: Tensor) -> Tensor:
+        """Index into :data:`DIRECTIONS` per view (B,), computed where the angles are (degrees): no host read."""
         v = self.cfg.view
-        azim = torch.as_tensor(azimuth, dtype=torch.float32).reshape(-1).cpu()
-        rel = torch.remainder(azim - self.front_azimuth + 180.0, 360.0) - 180.0
-        elev = torch.as_tensor(elevation, dtype=torch.float32).reshape(-1).cpu().expand_as(rel)
-        out = []
-        for e, a in zip(elev.tolist(), rel.abs().tolist()):
-            if e > v.overhead_threshold:
-                out.append("overhead")
-            elif a <= v.front_threshold:
-                out.append("front")
-            elif a >= 180.0 - v.back_threshold:
-                out.append("back")
-            else:
-                out.append("side")
-        return out
+        azim = torch.as_tensor(azimuth, dtype=torch.float32).reshape(-1)
+        rel = (torch.remainder(azim - self.front_azimuth + 180.0, 360.0) - 180.0).abs()
+        elev = torch.as_tensor(elevation, dtype=torch.float32, device=azim.device).reshape(-1).expand_as(rel)
+        side = torch.where(rel <= v.front_threshold, 0, torch.where(rel >= 180.0 - v.back_threshold, 2, 1))
+        return torch.where(elev > v.overhead_threshold, 3, side)
+
+    def directions(self, elevation: Tensor, azimuth: Tensor) -> List[str]:
+        """Direction name per view (B,) from angles in degrees (a host read: for tests and reports)."""
+        return [DIRECTIONS[i] for i in self.direction_index(elevation, azimuth).cpu().tolist()]
 
     def view_prompt(self, prompt: str, direction: str) -> str:
         if not self.cfg.view_dependent_prompting:
@@ -113,12 +112,30 @@ class StableDiffusionPromptProcessor(BasePromptProcessor):
     # ------------------------------------------------------------------ embeddings
     def get_text_embeddings(self, elevation: Tensor, azimuth: Tensor, prompt: Optional[str] = None
                             ) -> Tuple[Float[Tensor, "B N D"], Float[Tensor, "B N D"]]:
-        """(cond, uncond) text embeddings for B views; ``prompt`` overrides the processor's prompt."""
+        """(cond, uncond) text embeddings for B views; ``prompt`` overrides the processor's prompt.
+
+        The embeddings of the prompt's direction variants (one without view-dependent prompting) are
+        kept on the device; each view's row is picked there by :meth:`direction_index`, so a call makes
+        no host read of the angles and no copy of the embeddings."""
         base = self.prompt if prompt is None else prompt
-        prompts = [self.view_prompt(base, d) for d in self.directions(elevation, azimuth)]
-        cond = self.encode(prompts)
-        uncond = self.encode([self.cfg.negative_prompt]).expand_as(cond)
+        table = self.device_embeddings(base)
+        n = torch.as_tensor(azimuth).numel()
+        if self.cfg.view_dependent_prompting:
+            cond = table.index_select(0, self.direction_index(elevation, azimuth).to(table.device))
+        else:
+            cond = table.expand(n, *table.shape[1:])
+        uncond = self.device_embeddings(self.cfg.negative_prompt, directional=False).expand_as(cond)
         return cond, uncond
+
+    def device_embeddings(self, base: str, directional: bool = True) -> Float[Tensor, "K N D"]:
+        """Embeddings of ``base`` on the device, in the model's dtype: one row per direction in
+        :data:`DIRECTIONS` order with view-dependent prompting (and ``directional``), else one row."""
+        key = (base, directional and self.cfg.view_dependent_prompting)
+        tables = self.__dict__.setdefault("_tables", {})
+        if key not in tables:
+            prompts = [self.view_prompt(base, d) for d in DIRECTIONS] if key[1] else [base]
+            tables[key] = self.encode(prompts)
+        return tables[key]
 
     def encode(self, prompts: Sequence[str]) -> Float[Tensor, "B N D"]:
         """Embeddings (B, 77, D) of ``prompts``, from the memory cache, the disk cache, or the text encoder."""

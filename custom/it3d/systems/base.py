@@ -14,6 +14,7 @@ from ..core import io, registry
 from ..core.base import Configurable, Updateable
 from ..core.config import C, ConfigError, parse_structured, split_term, validate_dataclass
 from ..core.errors import It3dError
+from ..core.typing import Tensor
 
 
 class BaseSystem(pl.LightningModule, Configurable, Updateable):
@@ -64,6 +65,14 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
 
     def on_predict_batch_start(self, batch, batch_idx, dataloader_idx=0) -> None:
         self.do_update_step(self.current_epoch, self.global_step)
+
+    def device_scalar(self, value: Any) -> Tensor:
+        """A value to ``self.log``, as a tensor on the module's device: Lightning turns a Python number into
+        one with ``torch.tensor(v, device=...)`` (a blocking upload per call on CUDA); ``torch.full`` is a
+        kernel launch with the number as its argument."""
+        if torch.is_tensor(value):
+            return value.detach()
+        return torch.full((), float(value), device=self.device)
 
     def C(self, value: Any) -> float:
         return C(value, self.true_global_step)

@@ -142,7 +142,7 @@ class CoarseSystem(BaseSystem):
     # ------------------------------------------------------------------ rendering
     def render(self, view: Dict, shading: Optional[str] = None, bg_color=None,
                output_normal: Optional[bool] = None) -> Dict:
-        bg = None if bg_color is None else torch.as_tensor(bg_color, dtype=torch.float32, device=view["rays_o"].device)
+        bg = None if bg_color is None else self._bg_tensor(bg_color, view["rays_o"].device)
         if shading == "normal":
             output_normal = True
         elif output_normal is None and self._losses_need("needs_normals"):
@@ -158,6 +158,16 @@ class CoarseSystem(BaseSystem):
             pts = view["rays_o"].float()[..., None, :] + d[..., None, :] * out["t_samples"][..., None]
             out["sample_positions"] = pts.flatten(-2)
         return out
+
+    def _bg_tensor(self, color, device: torch.device) -> Tensor:
+        """A background colour on ``device``; config lists are uploaded once per (colour, device), not per step."""
+        if torch.is_tensor(color):
+            return color.to(device=device, dtype=torch.float32)
+        key = (tuple(float(c) for c in color), str(device))
+        cache = self.__dict__.setdefault("_bg_cache", {})
+        if key not in cache:
+            cache[key] = torch.tensor(key[0], dtype=torch.float32, device=device)
+        return cache[key]
 
     def _losses_need(self, attr: str) -> bool:
         """A loss term with ``attr`` (needs_normals, needs_positions) and a non-zero weight now (training only)."""
@@ -213,9 +223,9 @@ class CoarseSystem(BaseSystem):
 
             def call(name, g):
                 res = g(out["comp_rgb"], gbatch, step)
-                for k, v in res.items():
+                for k, v in res.items():  # logged as tensors: float(v) would wait for the device every step
                     if k != "loss" and (torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))):
-                        logs[f"train/{name}/{k}"] = float(v)
+                        logs[f"train/{name}/{k}"] = v.detach().float().reshape(()) if torch.is_tensor(v) else v
                 return res["loss"]
 
             gtotal, gvals = weighted_terms(self.guidance, self.guidance_weights, step, call)
@@ -227,7 +237,7 @@ class CoarseSystem(BaseSystem):
         total = sum(parts)
         logs["train/loss"] = total
         for k, v in logs.items():
-            self.log(k, v.detach() if torch.is_tensor(v) else v, prog_bar=k == "train/loss", batch_size=1)
+            self.log(k, self.device_scalar(v), prog_bar=k == "train/loss", batch_size=1)
         return total
 
     # ------------------------------------------------------------------ evaluation

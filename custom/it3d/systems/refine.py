@@ -178,9 +178,9 @@ class RefineSystem(BaseSystem):
     def color_reg_loss(self):
         geo = self.geometry
         err = ((geo.descriptors[:, :3] - geo.init_colors) ** 2).sum(-1)
-        ref, nov = geo.is_ref, ~geo.is_ref
-        zero = err.sum() * 0.0
-        return (err[ref].mean() if ref.any() else zero), (err[nov].mean() if nov.any() else zero)
+        ref = geo.is_ref.to(err.dtype)  # means over each kind by weights: no `.any()` / boolean index (host syncs)
+        nov = 1.0 - ref
+        return (err * ref).sum() / ref.sum().clamp_min(1.0), (err * nov).sum() / nov.sum().clamp_min(1.0)
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
         L, step = self.cfg.loss, self.true_global_step
