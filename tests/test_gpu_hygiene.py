@@ -216,3 +216,72 @@ def test_only_the_final_stage_renders_and_exports_by_default(tmp_path, extra, ex
         "data.image_path=load/synthetic/rgba.png", f"exp_root_dir={tmp_path}", *extra], device="cpu")
     got = {spec.name: list(parsed.after_train) for spec, _, parsed in prepare_stages(cfg, "cpu") if parsed}
     assert got == expected
+
+
+# ----------------------------------------------------------------------------- normals only when needed
+@pytest.fixture(scope="module")
+def coarse_system(tmp_path_factory):
+    from it3d.run import build_components
+
+    out = tmp_path_factory.mktemp("normals")
+    cfg, parsed = prepare_config([os.path.join(ROOT, "configs", "tiny", "coarse.yaml")], [
+        f"trial_dir={out}", "data.heights=[12]", "data.widths=[12]", "system.ref_ray_batch=0",
+        "system.loss.orient.weight=0.1"], device="cpu")  # built; the tests set its weight per step
+    dm, system = build_components(cfg, parsed, str(out), resumed=False)
+    dm.prepare()
+    system.train()
+    return system, dm
+
+
+def _second_order(system, dm, monkeypatch, shading, **weights):
+    """Render a training view with ``shading`` and back-propagate its colour; -> (the twice_differentiable
+    flags the hash grid was called with, the per-sample normals, whether the geometry got a gradient)."""
+    calls = []
+    enc = system.geometry.encoding
+    orig = type(enc).forward
+    monkeypatch.setattr(type(enc), "forward", lambda self, x, twice=False: calls.append(twice) or orig(self, x, twice))
+    system.loss_weights.update(weights)
+    out = system.render(dm.train_batch(0)["random"], shading=shading)
+    system.zero_grad()
+    out["comp_rgb"].mean().backward()
+    trained = any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in system.geometry.parameters())
+    return calls, out["sample_normal"], trained
+
+
+def test_no_second_order_graph_without_a_normal_loss(coarse_system, monkeypatch):
+    system, dm = coarse_system
+    weights = dict(system.loss_weights)
+    try:
+        calls, normals, trained = _second_order(system, dm, monkeypatch, "lambertian", orient=0.0)
+        assert calls and not any(calls)  # the hash grid never asked for a twice-differentiable graph
+        assert normals.grad_fn is None and not normals.requires_grad  # constants of the step
+        assert trained  # the density still learns through the rendering weights
+        calls, normals, _ = _second_order(system, dm, monkeypatch, "lambertian", orient=0.1)  # a normal loss is on
+        assert any(calls) and normals.requires_grad
+        system.cfg.shading_normal_grad = True  # asked for: the shading trains the orientation too
+        calls, normals, _ = _second_order(system, dm, monkeypatch, "lambertian", orient=0.0)
+        assert any(calls) and normals.requires_grad
+    finally:
+        system.cfg.shading_normal_grad = False
+        system.loss_weights.update(weights)
+
+
+def test_finite_difference_normals_need_no_second_order_graph(coarse_system, monkeypatch):
+    system, dm = coarse_system
+    geo = system.geometry
+    weights = dict(system.loss_weights)
+    try:
+        geo.normal_type = "finite_difference"
+        calls, normals, _ = _second_order(system, dm, monkeypatch, "lambertian", orient=0.1)
+        assert calls and not any(calls) and normals.requires_grad  # first-order graph through 6 shifted evaluations
+        calls, normals, _ = _second_order(system, dm, monkeypatch, "lambertian", orient=0.0)
+        assert not normals.requires_grad
+        # the two kinds agree on the direction of the normals (a smooth blob field)
+        pts = torch.rand(64, 3) * 0.4 - 0.2
+        fd = geo(pts, output_normal=True, normal_grad=False)["normal"]
+        geo.normal_type = "analytic"
+        an = geo(pts, output_normal=True, normal_grad=False)["normal"]
+        assert (fd * an).sum(-1).min() > 0.99
+    finally:
+        geo.normal_type = "analytic"
+        system.loss_weights.update(weights)

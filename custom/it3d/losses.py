@@ -169,6 +169,7 @@ class OrientLoss(_Term):
     Needs the renderer's per-sample ``weights`` (B H W S), ``sample_normal`` and ``t_dirs`` (B H W S*3);
     the coarse system asks the renderer for normals while this term's weight is non-zero."""
     needs_normals = True
+    normal_loss = True  # gradients flow through the normals (their second-order graph with analytic normals)
 
     @dataclass
     class Config(_Term.Config):
@@ -190,6 +191,7 @@ class NormalSmoothLoss(_Term):
     """Squared difference of ``comp_normal`` between neighbouring pixels, where both are opaque."""
 
     needs_normals = True
+    normal_loss = True
 
     @dataclass
     class Config(_Term.Config):
@@ -216,6 +218,7 @@ class NormalSmooth3DLoss(_Term):
     of the samples at random (a cost cap for CPU runs)."""
 
     needs_positions = True
+    normal_loss = True
 
     @dataclass
     class Config(_Term.Config):

@@ -2,7 +2,7 @@
 gradient, and isosurface extraction by marching cubes. Not registered itself."""
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,24 +41,35 @@ class BaseImplicitGeometry(BaseGeometry):
         """World points in [-radius, radius]^3 -> [0, 1]^3 (the encodings' input range)."""
         return (points + self.radius) / (2.0 * self.radius)
 
-    def forward(self, points: Float[Tensor, "N 3"], output_normal: bool = False) -> dict:
+    def forward(self, points: Float[Tensor, "N 3"], output_normal: bool = False,
+                normal_grad: Optional[bool] = None) -> dict:
         """-> ``density`` (N 1, >= 0), ``features`` (N 3, albedo in [0, 1]) and, when asked,
-        ``normal`` (N 3, unit, outward = -grad density)."""
+        ``normal`` (N 3, unit, outward = -grad density).
+
+        ``normal_grad``: whether gradients must flow through the normals (a normal loss is on, or the
+        shading should train the surface orientation); None = in training with autograd on. Analytic
+        normals build the second-order graph (``create_graph``) only then -- otherwise the density
+        gradient is taken once and the normals are constants of the step; finite differences evaluate
+        their six shifted points with a graph only then."""
+        grad_on = torch.is_grad_enabled()
+        normal_grad = (self.training if normal_grad is None else bool(normal_grad)) and grad_on
         if output_normal and self.normal_type == "analytic":
-            create_graph = self.training and torch.is_grad_enabled()
             # autograd also under no_grad / inference_mode (Lightning's validation and test loops)
             with torch.inference_mode(False), torch.enable_grad():
                 pts = points if points.requires_grad else points.clone().requires_grad_(True)
-                raw_d, raw_f = self.forward_raw(pts, twice_differentiable=create_graph)
-                grad = torch.autograd.grad(raw_d.sum(), pts, create_graph=create_graph)[0]
-            if not create_graph:
-                raw_d, raw_f, grad = raw_d.detach(), raw_f.detach(), grad.detach()
-            normal = -F.normalize(grad, dim=-1)
+                raw_d, raw_f = self.forward_raw(pts, twice_differentiable=normal_grad)
+                # the density's own graph is kept when the step back-propagates through it (first order)
+                grad = torch.autograd.grad(raw_d.sum(), pts, create_graph=normal_grad,
+                                           retain_graph=normal_grad or grad_on)[0]
+            if not grad_on:
+                raw_d, raw_f = raw_d.detach(), raw_f.detach()
+            normal = -F.normalize(grad if normal_grad else grad.detach(), dim=-1)
         else:
             raw_d, raw_f = self.forward_raw(points)
             normal = None
             if output_normal:
-                normal = self.finite_difference_normal(points)
+                with torch.set_grad_enabled(normal_grad):
+                    normal = self.finite_difference_normal(points)
         out = {"density": self.activate_density(raw_d), "features": self.activate_features(raw_f)}
         if normal is not None:
             out["normal"] = normal

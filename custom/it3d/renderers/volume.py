@@ -16,7 +16,9 @@ magnitude <= opacity, not renormalised) when normals are computed, ``weights``, 
 ``t_starts``, ``t_ends`` (B H W S, for distortion-style losses) and ``shading`` (the str used).
 
 Normals are computed when ``output_normal`` says so, else per ``compute_normals``: ``auto`` =
-when the shading needs them or in eval mode, ``always``, ``never``.
+when the shading needs them or in eval mode, ``always``, ``never``. ``normal_grad`` (passed to the
+geometry) says whether gradients must flow through them (the coarse system: a normal loss is on):
+only then do analytic normals build the second-order graph.
 
 Sample buffers (no host sync in training). The occupied samples are gathered into buffers of
 fixed size (:mod:`.sample_buffers`: ``nonzero_static`` instead of ``nonzero``), one per pass
@@ -182,7 +184,7 @@ class VolumeRenderer(BaseRenderer):
     def forward(self, rays_o: Float[Tensor, "B H W 3"], rays_d: Float[Tensor, "B H W 3"],
                 light_positions: Optional[Float[Tensor, "B 3"]] = None, bg_color: Optional[Tensor] = None,
                 shading: Optional[str] = None, c2w: Optional[Float[Tensor, "B 4 4"]] = None,
-                output_normal: Optional[bool] = None, **kwargs) -> dict:
+                output_normal: Optional[bool] = None, normal_grad: Optional[bool] = None, **kwargs) -> dict:
         b, h, w, _ = rays_o.shape
         if shading is None:
             shading = self.material.current_shading()
@@ -199,10 +201,10 @@ class VolumeRenderer(BaseRenderer):
         # n_evaluated (live samples) and n_dropped are device tensors in training: read them only when needed
         self.last_stats = {"n_rays": n_rays, "n_samples": 0, "n_evaluated": 0, "n_slots": 0, "n_dropped": 0}
         if self.training or chunk <= 0 or n_rays <= chunk:
-            out = self._render_rays(ro, rd, lp, shading, output_normal)
+            out = self._render_rays(ro, rd, lp, shading, output_normal, normal_grad)
         else:
             parts = [self._render_rays(ro[i:i + chunk], rd[i:i + chunk], None if lp is None else lp[i:i + chunk],
-                                       shading, output_normal) for i in range(0, n_rays, chunk)]
+                                       shading, output_normal, normal_grad) for i in range(0, n_rays, chunk)]
             out = {k: torch.cat([p[k] for p in parts], 0) for k in parts[0]}
         out = {k: v.reshape(b, h, w, -1) for k, v in out.items()}
         bg = self._background(rd.view(b, h, w, 3), bg_color)
@@ -259,7 +261,8 @@ class VolumeRenderer(BaseRenderer):
                 mask = mask & self.grid.query(pts).view_as(t)
             return mask
 
-    def _eval(self, ro, rd, t, mask, key, density_only=False, lp=None, shading="albedo", output_normal=False):
+    def _eval(self, ro, rd, t, mask, key, density_only=False, lp=None, shading="albedo", output_normal=False,
+              normal_grad=None):
         """Geometry (+ material) on the masked samples only (gathered into a buffer); zeros elsewhere."""
         r, s = t.shape
         idx, count, over = self.sample_buffers.compact(mask, key, exact=not self.training)
@@ -272,7 +275,7 @@ class VolumeRenderer(BaseRenderer):
         self.last_stats["n_samples"] += r * s
         self.last_stats["n_evaluated"] = self.last_stats["n_evaluated"] + count
         self.last_stats["n_slots"] += int(idx.shape[0])
-        geo = self.geometry(pts, output_normal=output_normal)
+        geo = self.geometry(pts, output_normal=output_normal, normal_grad=normal_grad)
         ray_of = torch.div(src, s, rounding_mode="floor")
         with record_function("it3d::material"):
             rgb = self.material(geo["features"], viewdirs=rd.index_select(0, ray_of), shading_normal=geo.get("normal"),
@@ -284,9 +287,11 @@ class VolumeRenderer(BaseRenderer):
             out["normal"] = _scatter(idx, geo["normal"], r * s).view(r, s, 3)
         return out
 
-    def _render_rays(self, ro: Tensor, rd: Tensor, lp: Optional[Tensor], shading: str, output_normal: bool) -> dict:
+    def _render_rays(self, ro: Tensor, rd: Tensor, lp: Optional[Tensor], shading: str, output_normal: bool,
+                     normal_grad: Optional[bool] = None) -> dict:
         t, starts, ends, hit, mask = self._sample(ro, rd)
-        ev = self._eval(ro, rd, t, mask, "fine", lp=lp, shading=shading, output_normal=output_normal)
+        ev = self._eval(ro, rd, t, mask, "fine", lp=lp, shading=shading, output_normal=output_normal,
+                        normal_grad=normal_grad)
         out = self._composite(ev, t, starts, ends)
         if "normal" in ev:  # per-sample normals and ray directions (orientation loss)
             out["sample_normal"] = ev["normal"]

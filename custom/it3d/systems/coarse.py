@@ -23,6 +23,14 @@ Loss terms are built with ``geometry=`` (``normal-smooth-3d`` evaluates normals 
 points); terms with ``needs_normals`` make the renderer return normals while their weight is
 non-zero, terms with ``needs_positions`` get ``sample_positions`` (B H W S*3) in the outputs.
 
+Normals and their gradient. Gradients flow through the rendered normals only while a term with
+``normal_loss`` (orient, normal-smooth, normal-smooth-3d) has a non-zero weight at the step, or on
+shaded renders with ``shading_normal_grad: true``; otherwise shaded renders use the normals as
+constants of the step (they still train the albedo, and the density through the weights). With the
+geometry's ``normal_type: analytic`` that is what decides whether the second-order graph (a double
+backward: ~1.8x time, ~2.2x memory of a step) is built; ``finite_difference`` normals (six shifted
+density evaluations, first-order graph, the official code's choice) never need one.
+
 Outputs: validation grids ``save/it{step}-val/{index}.png`` (rgb | depth | normal | opacity);
 ``--test`` ``save/test/{rgb,normal,depth}/%04d.png`` and ``save/test/turntable.mp4`` (frame 0 =
 reference view); ``--export`` ``save/export/mesh.{obj,mtl,glb}`` + ``mesh_texture.png``.
@@ -42,6 +50,7 @@ from ..core.typing import Float, Tensor
 from ..data import cameras
 from ..data.dreambooth_data import NORMAL_BACKGROUND, normal_image
 from ..losses import weighted_terms
+from ..materials.diffuse_light import NEEDS_NORMAL
 from .base import BaseSystem
 
 
@@ -90,6 +99,9 @@ class CoarseSystem(BaseSystem):
         eval_bg_color: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
         video_fps: int = 30
         ref_ray_batch: int = 0  # > 0: the reference losses see this many random pixels per step (CPU runs)
+        # shaded renders (lambertian / textureless / normal) train the surface orientation through the normals
+        # even when no normal loss is on (analytic normals: a second-order graph on those steps)
+        shading_normal_grad: bool = False
 
     cfg: Config
 
@@ -147,8 +159,12 @@ class CoarseSystem(BaseSystem):
             output_normal = True
         elif output_normal is None and self._losses_need("needs_normals"):
             output_normal = True
+        # gradients through the normals only while a normal loss is on (or shaded renders are asked to train them)
+        normal_grad = self.training and (self._losses_need("normal_loss")
+                                         or (self.cfg.shading_normal_grad and shading in NEEDS_NORMAL))
         out = self.renderer(view["rays_o"], view["rays_d"], light_positions=view.get("light_positions"),
-                            bg_color=bg, shading=shading, c2w=view.get("c2w"), output_normal=output_normal)
+                            bg_color=bg, shading=shading, c2w=view.get("c2w"), output_normal=output_normal,
+                            normal_grad=normal_grad)
         if shading == "normal":
             if view.get("c2w") is None:
                 raise ConfigError("normal shading needs the view's camera (c2w) for camera-space normals")
