@@ -285,3 +285,32 @@ def test_finite_difference_normals_need_no_second_order_graph(coarse_system, mon
     finally:
         geo.normal_type = "analytic"
         system.loss_weights.update(weights)
+
+
+# ----------------------------------------------------------------------------- the refine U-Net's precision
+def test_deferred_unet_runs_in_the_runs_half_dtype_with_fp32_weights():
+    from it3d.renderers.point_deferred import PointDeferredRenderer
+
+    class _Geo:
+        class cfg:
+            descriptor_dim = 4
+
+    x = torch.rand(1, 12, 20, 18)
+    r = PointDeferredRenderer({"unet_channels": [4, 8], "num_scales": 3, "rgb_skip": False}, geometry=_Geo())
+    seen = []
+    r.unet.inp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    plain = r.run_unet(x)  # auto on a CPU run (precision auto = fp32): as before, no autocast
+    assert seen[-1] == torch.float32 and torch.equal(plain, r.unet(x)) and plain.abs().mean() > 1e-3
+    hub.set_precision("bf16")
+    try:
+        half = r.run_unet(x)  # the run's half dtype (bf16 here; fp16 on CUDA by default)
+    finally:
+        hub.set_precision("auto")
+    assert seen[-1] == torch.bfloat16 and half.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in r.unet.parameters())
+    torch.testing.assert_close(half, plain, rtol=0.05, atol=0.02)
+    r.cfg.channels_last = True  # the layout used off the CPU: the same numbers
+    torch.testing.assert_close(r.run_unet(x), plain, rtol=1e-5, atol=1e-6)
+    assert r.unet.out.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(Exception, match="unet_precision"):
+        PointDeferredRenderer({"unet_precision": "int8"}, geometry=_Geo())

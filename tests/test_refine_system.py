@@ -112,6 +112,8 @@ def test_refine_train_resume_test_export(setup):
     assert CALLS["build"] == 1
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 45 and state["state_dict"]["geometry.descriptors"].shape[0] == n_points
+    # manual optimisation steps the official decay once per step, across the resume too: lr 1e-3 * 0.1 ** (45 / 1000)
+    assert state["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(1e-3 * 0.1 ** (45 / 1000), rel=1e-6)
 
     # --test: frame 0 is the reference view, so it must match the reference image
     cfg, parsed = config(root)

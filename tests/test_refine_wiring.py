@@ -58,7 +58,7 @@ def test_guidance_sees_the_novel_render_and_the_loss_is_the_sum_of_its_terms(ref
         geo.descriptors[novel, :3] += delta  # only the novel points' colours move away from their initial ones
     system._fallback_step = 0
     batch = dm.train_batch(3)
-    total = system.training_step(batch, 0)
+    total = system.step_losses(batch)
     with torch.no_grad():
         out_ref, out_novel = system.render_batch(batch["ref"]), system.render_batch(batch["random"])
     rgb, gbatch = SEEN[-1]
@@ -95,3 +95,54 @@ def test_descriptor_init_and_the_official_learning_rate_decay(refine):
         sched.step()
     # lr * 0.1 ** min(step / 1000, 1)
     assert [lrs[0], lrs[500], lrs[1000], lrs[1200]] == pytest.approx([1e-3, 1e-3 * 0.1 ** 0.5, 1e-4, 1e-4])
+
+
+def _run_step(system, batch, split):
+    """One step's losses and gradients: the old way (one graph, one backward) or the reference backward first."""
+    from it3d.core.profiling import peak_memory
+
+    system.zero_grad(set_to_none=True)
+    with peak_memory() as m:
+        if split:
+            total = system.step_losses(batch, backward=lambda loss: loss.backward())
+        else:
+            total = system.step_losses(batch)
+            total.backward()
+    grads = {n: p.grad.clone() for n, p in system.named_parameters() if p.grad is not None}
+    return float(total), grads, m.peak_bytes
+
+
+def test_reference_backward_first_same_losses_and_gradients_lower_peak(refine, monkeypatch):
+    system, dm = refine
+    logged = {True: {}, False: {}}
+    batch = dm.train_batch(5)
+    system._fallback_step = 5
+    results = {}
+    for split in (False, True, False, True):  # twice each: allocator warm-up does not decide it
+        monkeypatch.setattr(system, "log", lambda k, v, **kw: logged[split].__setitem__(k, float(v)))
+        results[split] = _run_step(system, batch, split)
+    (one, g_one, peak_one), (two, g_two, peak_two) = results[False], results[True]
+    assert two == pytest.approx(one, rel=1e-6) and logged[True] == pytest.approx(logged[False], rel=1e-6)
+    assert set(g_one) == set(g_two) and len(g_one) >= 3  # descriptors, background, U-Net
+    for name in g_one:
+        torch.testing.assert_close(g_two[name], g_one[name], rtol=1e-5, atol=1e-8, msg=name)
+    print(f"refine step peak: one graph {peak_one / 1e6:.2f} MB, reference backward first {peak_two / 1e6:.2f} MB")
+    assert peak_two < 0.85 * peak_one  # two live render graphs -> one
+
+
+def test_refine_step_makes_no_host_sync(refine, monkeypatch):
+    """The whole refine step (both renders, the losses, both backwards) with the GPU's fixed-size fragment
+    buffers (auto sizes them exactly on CPU tensors, one read per raster scale)."""
+    from it3d.core.profiling import count_syncs
+    from it3d.renderers.sample_buffers import CompactionBuffers
+
+    system, dm = refine
+    monkeypatch.setattr(system, "log", lambda *a, **k: None)
+    monkeypatch.setattr(system.renderer, "sample_buffers", CompactionBuffers(1.5, "point fragments", "left out",
+                                                                             "fragment_capacity_margin"))
+    for step in range(3):
+        system._fallback_step = step
+        batch = dm.train_batch(step)
+        with count_syncs() as c:
+            system.step_losses(batch, backward=lambda loss: loss.backward())
+        assert c.count == 0 and c.uploads == 0, c.report()

@@ -166,3 +166,42 @@ class count_syncs:
         for m in reversed(self._modes):
             m.__exit__(*exc)
         return False
+
+
+class peak_memory:
+    """Context manager -> :class:`MemoryPeak`: the peak of the bytes allocated inside the block (CPU and,
+    on a CUDA run, device memory, from the profiler's allocation events; frees of memory allocated
+    before the block count against it), for comparing the memory of two ways of doing one step::
+
+        with peak_memory() as m:
+            step()
+        m.peak_bytes
+    """
+
+    def __init__(self) -> None:
+        self.result = MemoryPeak()
+
+    def __enter__(self) -> "MemoryPeak":
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self._prof = profile(activities=acts, profile_memory=True)
+        self._prof.__enter__()
+        return self.result
+
+    def __exit__(self, *exc) -> bool:
+        self._prof.__exit__(*exc)
+        events = [e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+        cur = peak = 0
+        for e in events:
+            cur += e.nbytes()
+            peak = max(peak, cur)
+        self.result.peak_bytes, self.result.end_bytes = peak, cur
+        return False
+
+
+@dataclass
+class MemoryPeak:
+    peak_bytes: int = 0  # the most bytes allocated at once inside the block, above what was allocated before it
+    end_bytes: int = 0  # still allocated when it ended

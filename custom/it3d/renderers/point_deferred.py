@@ -20,6 +20,9 @@ up-sampled to H x W, and a gated-convolution U-Net turns their concatenation int
   resize, which enlarges the buffer. ``fragment_capacity_margin``: ``auto`` = 1.25 on an
   accelerator, exact on CPU tensors; ``0`` = exact everywhere (one sync per scale); eval renders
   always size exactly.
+* The U-Net runs under autocast in the run's half dtype (``unet_precision: auto``: fp16 on CUDA,
+  bf16 with ``precision=bf16``, fp32 on CPU by default; its weights stay fp32) and, off the CPU, in
+  the channels_last memory format (``channels_last: auto``), the layout tensor cores read directly.
 """
 from __future__ import annotations
 
@@ -60,6 +63,10 @@ class PointDeferredRenderer(BaseRenderer):
         bg_feature_init: float = 1.0  # its other channels (the points' start near 0): empty pixels stand out
         fragment_capacity_margin: Any = "auto"  # pair buffer / peak fraction: auto (exact on CPU, 1.25 else) | 0 | >= 1
         resize_every: int = 16  # training steps between buffer resizes (one host read each)
+        # the U-Net's compute dtype: auto = the run's half dtype (precision; fp16 on CUDA, fp32 on CPU) under
+        # autocast (fp32 weights, trained as such) | fp32 | fp16 | bf16
+        unet_precision: str = "auto"
+        channels_last: Any = "auto"  # the U-Net's memory format: auto = channels_last off the CPU | true | false
 
     cfg: Config
 
@@ -71,6 +78,10 @@ class PointDeferredRenderer(BaseRenderer):
         if self.cfg.num_scales < 1:
             raise It3dError("system.renderer.num_scales must be >= 1")
         c = self.cfg
+        if c.unet_precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise It3dError(f"system.renderer.unet_precision: expected auto, fp32, fp16 or bf16, got '{c.unet_precision}'")
+        if str(c.channels_last).lower() not in ("auto", "true", "false"):
+            raise It3dError(f"system.renderer.channels_last: expected auto, true or false, got '{c.channels_last}'")
         if c.resize_every < 1:
             raise It3dError(f"system.renderer.resize_every must be >= 1, got {c.resize_every}")
         self.sample_buffers = CompactionBuffers(c.fragment_capacity_margin, "point fragments",
@@ -88,6 +99,26 @@ class PointDeferredRenderer(BaseRenderer):
     @property
     def geometry(self):
         return self._geometry[0]
+
+    def unet_dtype(self, device: torch.device) -> Optional[torch.dtype]:
+        """The U-Net's autocast dtype on ``device``, or None (fp32)."""
+        from ..core import hub
+
+        name = self.cfg.unet_precision
+        dtype = hub.autocast_dtype(device) if name == "auto" else hub.resolve_dtype(name, device)
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+    def run_unet(self, x: Float[Tensor, "B C H W"]) -> Float[Tensor, "B 3 H W"]:
+        """The U-Net in its compute dtype (autocast; fp32 out) and memory format."""
+        mode = str(self.cfg.channels_last).lower()
+        if mode == "true" or (mode == "auto" and x.device.type != "cpu"):
+            if not getattr(self, "_channels_last", False):
+                self.unet.to(memory_format=torch.channels_last)
+                self._channels_last = True
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = self.unet_dtype(x.device)
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return self.unet(x).float()
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
         if not self.training or on_load_weights or global_step % self.cfg.resize_every or global_step == self._last_resize:
@@ -130,7 +161,7 @@ class PointDeferredRenderer(BaseRenderer):
                 opacity, alpha = occ, a
                 d = frags.depth[..., :1]
                 depth = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
-        out = self.unet(torch.cat(ups, 1)).permute(0, 2, 3, 1)
+        out = self.run_unet(torch.cat(ups, 1)).permute(0, 2, 3, 1)
         if self.cfg.rgb_skip:
             rgb = (feats[0][..., :3] + out).clamp(0.0, 1.0)
         else:

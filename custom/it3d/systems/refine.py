@@ -12,6 +12,10 @@ neural descriptors, rendered by the deferred point renderer and trained with
   occupancy mask, averaged over all pixels, in the reference and the novel views
   (``lambda_white_bg``).
 
+A step (manual optimisation) back-propagates the reference view's terms before it renders the novel
+view, so one 800 px render graph is alive at a time instead of two (same gradients; Lightning's
+``trainer.gradient_clip_val`` / ``accumulate_grad_batches`` do not apply to manual optimisation).
+
 Start-up (``fit`` without a checkpoint): the coarse stage (``coarse_stage_dir``, or
 ``coarse_config`` + ``coarse_ckpt``) is loaded, the builder turns it and the datamodule's
 reference into the point cloud, which is saved as ``save/points_init.ply``. On resume (or with
@@ -105,6 +109,7 @@ class RefineSystem(BaseSystem):
                                                        "system.guidance", device=self.run_device)
         self.guidance = dict(mods.items())  # plain dict: pretrained models stay out of the checkpoint
         self._coarse = [coarse]  # a list: the coarse system must not become a sub-module (checkpoint)
+        self.automatic_optimization = False  # training_step back-propagates the reference view first
 
     # ------------------------------------------------------------------ coarse stage / start-up
     @property
@@ -183,34 +188,76 @@ class RefineSystem(BaseSystem):
         return (err * ref).sum() / ref.sum().clamp_min(1.0), (err * nov).sum() / nov.sum().clamp_min(1.0)
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
+        """One optimiser step (manual optimisation): the reference view's losses are back-propagated
+        before the novel view is rendered, so only one 800 px render graph is alive at a time."""
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        total = self.step_losses(batch, backward=self.manual_backward)
+        opt.step()
+        for cfg in self.trainer.lr_scheduler_configs:
+            if cfg.interval == "step":
+                cfg.scheduler.step()
+        return total
+
+    def on_train_epoch_end(self) -> None:
+        for cfg in self.trainer.lr_scheduler_configs:
+            if cfg.interval == "epoch":
+                cfg.scheduler.step()
+
+    @staticmethod
+    def _weighted(terms) -> Optional[Tensor]:
+        parts = [w * v for w, v in terms if w != 0]
+        return sum(parts[1:], parts[0]) if parts else None
+
+    def step_losses(self, batch: Dict[str, Any], backward: Optional[Any] = None) -> Tensor:
+        """The step's weighted loss, logged term by term (``train/loss_<name>``, ``train/loss``).
+
+        Without ``backward``: the total with its graph. With it (``manual_backward``): the reference
+        part (reference L1, its half of the white-background term, the colour regularisers) is
+        back-propagated and its graph freed before the novel view is rendered and the novel part
+        (guidance, the other half of the white-background term) back-propagated; the detached total is
+        returned. The gradients are the same sum either way."""
         L, step = self.cfg.loss, self.true_global_step
-        terms_: Dict[str, tuple] = {}
         ref = batch["ref"]
-        out = self.render_batch(ref)
-        terms_["ref_rgb"] = (self.C(L.lambda_ref_rgb), F.l1_loss(out["comp_rgb"], ref["rgb"].to(self.device)))
-        bg_w = self.C(L.lambda_white_bg)
-        bg_terms = [self.white_bg_loss(out)]
         active = {k: g for k, g in self.guidance.items() if self.C(self.guidance_weights[k]) != 0}
+        bg_w, n_bg = self.C(L.lambda_white_bg), (2 if active else 1)  # white bg: the mean over the views
+        out = self.render_batch(ref)
+        ref_rgb = F.l1_loss(out["comp_rgb"], ref["rgb"].to(self.device))
+        white_bg = self.white_bg_loss(out)
+        del out  # with ``backward``, nothing of the reference render outlives its backward
+        reg_ref, reg_nov = self.color_reg_loss()
+        logs = {"ref_rgb": ref_rgb, "color_ref": reg_ref, "color_novel": reg_nov}
+        total = self._weighted([(self.C(L.lambda_ref_rgb), ref_rgb), (bg_w, white_bg / n_bg),
+                                (self.C(L.lambda_color_ref), reg_ref), (self.C(L.lambda_color_novel), reg_nov)])
+        if backward is not None and total is not None:
+            backward(total)
+            total = total.detach()
+        white_bg = white_bg.detach() if backward is not None else white_bg
         if active:
             rnd = batch["random"]
             out_n = self.render_batch(rnd)
+            novel = []
             for name, g in active.items():
                 res = g(out_n["comp_rgb"], rnd, step)
-                terms_[f"guidance_{name}"] = (self.C(self.guidance_weights[name]), res["loss"])
+                logs[f"guidance_{name}"] = res["loss"]
+                novel.append((self.C(self.guidance_weights[name]), res["loss"]))
                 for k, v in res.items():
                     if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
                         self.log(f"train/{name}_{k}", v.float())
-            bg_terms.append(self.white_bg_loss(out_n))
+            white_novel = self.white_bg_loss(out_n)
+            novel.append((bg_w, white_novel / n_bg))
+            part = self._weighted(novel)
+            if backward is not None and part is not None:
+                backward(part)
+                part = part.detach()
+            white_bg = white_bg + (white_novel.detach() if backward is not None else white_novel)
+            total = part if total is None else (total if part is None else total + part)
         if bg_w != 0:
-            terms_["white_bg"] = (bg_w, sum(bg_terms) / len(bg_terms))
-        reg_ref, reg_nov = self.color_reg_loss()
-        terms_["color_ref"] = (self.C(L.lambda_color_ref), reg_ref)
-        terms_["color_novel"] = (self.C(L.lambda_color_novel), reg_nov)
-        total = 0.0
-        for name, (w, v) in terms_.items():
-            self.log(f"train/loss_{name}", v.detach())
-            if w != 0:
-                total = total + w * v
+            logs["white_bg"] = white_bg / n_bg
+        for name in ("ref_rgb", *[k for k in logs if k.startswith("guidance_")], "white_bg", "color_ref", "color_novel"):
+            if name in logs:
+                self.log(f"train/loss_{name}", logs[name].detach())
+        total = total if total is not None else reg_ref.detach() * 0.0
         self.log("train/loss", total.detach(), prog_bar=True)
         return total
 
