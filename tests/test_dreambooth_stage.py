@@ -213,3 +213,56 @@ def test_each_prompt_trains_on_its_own_modality_with_the_prior_term(tmp_path, mo
         assert torch.equal(images[1], system.class_images[step % 2]) and prompts[1] == system.class_prompt
         assert float(loss) == pytest.approx(0.7 + 1.0 * 0.2)
     assert [m for m, _, _ in schedule] == ["mask", "depth", "normal", "rgb"] and len(calls) == 8
+
+
+def test_memory_options_checkpointing_8bit_states_and_one_half_precision_save(tmp_path, caplog):
+    """Gradient checkpointing on by default (lower peak, same loss), AdamW8bit keeps 8-bit states, the
+    pipeline is written once, in save_dtype, from a CPU copy of the trained weights."""
+    import logging
+
+    from safetensors import safe_open
+
+    from it3d.core.profiling import peak_memory
+    from it3d.run import build_components
+    from it3d.systems.dreambooth import saved_dtype
+
+    assert saved_dtype("auto", "cuda:0") == torch.float16 and saved_dtype("auto", "cpu") == torch.float32
+    assert saved_dtype("bf16", "cpu") == torch.bfloat16
+    cfg, parsed = stage_cfg(tmp_path, "system.save_dtype=fp16", "system.optimizer.name=AdamW8bit",
+                            "system.optimizer.args.lr=1e-3", "after_train=[export]")
+    _, system = build_components(cfg, parsed, str(tmp_path / "probe"), resumed=False)
+    assert system.unet.is_gradient_checkpointing and system.text_encoder.is_gradient_checkpointing
+    images = torch.rand(2, 64, 64, 3)
+    peaks, losses = {}, {}
+    for ckpt in (True, False, True):
+        (system.unet.enable_gradient_checkpointing if ckpt else system.unet.disable_gradient_checkpointing)()
+        torch.manual_seed(0)
+        with peak_memory() as m:
+            loss = system.diffusion_loss(images, ["a photo", "a photo"]).mean()
+            loss.backward()
+        system.zero_grad(set_to_none=True)
+        peaks[ckpt], losses[ckpt] = m.peak_bytes, float(loss)
+    print(f"tiny DreamBooth step peak: checkpointing {peaks[True] / 1e6:.1f} MB, without {peaks[False] / 1e6:.1f} MB")
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6) and peaks[True] < peaks[False]
+
+    with caplog.at_level(logging.INFO, logger="it3d"):
+        trial = run_stage(cfg, parsed, "train", DEV)  # then --export (after_train) in the same process
+    saves = [r.getMessage() for r in caplog.records if "pipeline saved" in r.getMessage()]
+    assert len(saves) == 1 and "float16" in saves[0]  # --train's export finds it saved: written once
+    assert any("pipeline already saved" in r.getMessage() for r in caplog.records)
+    ckpt = torch.load(os.path.join(trial, "ckpts", "last.ckpt"), map_location="cpu", weights_only=False)
+
+    def tensors(node):
+        if torch.is_tensor(node):
+            return [node]
+        items = node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else []
+        return [t for v in items for t in tensors(v)]
+
+    states = tensors(ckpt["optimizer_states"][0]["state"])
+    assert any(t.dtype == torch.uint8 and t.numel() >= 4096 for t in states)  # 8-bit moments of the large tensors
+    unet_file = os.path.join(trial, "save", "pipeline", "unet", "diffusion_pytorch_model.safetensors")
+    with safe_open(unet_file, "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    assert {v.dtype for v in saved.values()} == {torch.float16}
+    trained = ckpt["state_dict"]["unet.conv_in.weight"]
+    assert torch.equal(saved["conv_in.weight"], trained.half())  # the trained weights, rounded once

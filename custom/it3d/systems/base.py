@@ -17,6 +17,26 @@ from ..core.errors import It3dError
 from ..core.typing import Tensor
 
 
+# 8-bit optimiser states (bitsandbytes, CPU and CUDA): the states of tensors with >= 4096 elements are kept
+# blockwise-quantised in 8 bits (2 bytes per parameter instead of 8 for Adam's two moments)
+EIGHT_BIT = {"AdamW8bit": "AdamW8bit", "Adam8bit": "Adam8bit"}
+
+
+def optimizer_class(name: str):
+    """``system.optimizer.name`` -> the class: a ``torch.optim`` name, or AdamW8bit / Adam8bit (bitsandbytes)."""
+    if hasattr(torch.optim, name):
+        return getattr(torch.optim, name)
+    if name in EIGHT_BIT:
+        try:
+            import bitsandbytes
+        except ImportError as e:
+            raise ConfigError(f"system.optimizer.name: {name} needs bitsandbytes ({e}); pip install -r requirements.txt") \
+                from None
+        return getattr(bitsandbytes.optim, EIGHT_BIT[name])
+    known = dir(torch.optim) + list(EIGHT_BIT)
+    raise ConfigError(f"system.optimizer.name: unknown optimizer '{name}'{registry.suggest(name, known)}")
+
+
 class BaseSystem(pl.LightningModule, Configurable, Updateable):
     @dataclass
     class Config:
@@ -88,8 +108,7 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
     def configure_optimizers(self):
         ocfg = dict(self.cfg.optimizer)
         name = ocfg.get("name", "Adam")
-        if not hasattr(torch.optim, name):
-            raise ConfigError(f"system.optimizer.name: unknown optimizer '{name}'{registry.suggest(name, dir(torch.optim))}")
+        optimizer_cls = optimizer_class(name)
         args = dict(ocfg.get("args", {}))
         groups = ocfg.get("params")
         if groups:
@@ -105,7 +124,7 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
                     params.append({"params": ps, **dict(gargs or {})})
         else:
             params = [p for p in self.parameters() if p.requires_grad]
-        opt = getattr(torch.optim, name)(params, **args)
+        opt = optimizer_cls(params, **args)
         if not self.cfg.scheduler:
             return opt
         scfg = dict(self.cfg.scheduler)
