@@ -314,3 +314,26 @@ def test_deferred_unet_runs_in_the_runs_half_dtype_with_fp32_weights():
     assert r.unet.out.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(Exception, match="unet_precision"):
         PointDeferredRenderer({"unet_precision": "int8"}, geometry=_Geo())
+
+
+# ----------------------------------------------------------------------------- larger eval chunks off the CPU
+def test_eval_chunks_are_larger_on_an_accelerator_and_chunking_does_not_change_the_render(coarse_system):
+    from it3d.core.config import ConfigError
+
+    system, _ = coarse_system
+    ren = system.renderer
+    assert ren.cfg.eval_chunk_size == "auto"
+    assert ren.eval_chunk_size(torch.device("cpu")) == 4096 and ren.eval_chunk_size(torch.device("cuda:0")) == 32768
+    c2w = torch.eye(4)
+    c2w[2, 3] = 1.2
+    whole = system.render_view(c2w, 40.0, 24, 20)
+    ren.cfg.eval_chunk_size = 37  # many chunks, the last one partial
+    try:
+        chunked = system.render_view(c2w, 40.0, 24, 20)
+    finally:
+        ren.cfg.eval_chunk_size = "auto"
+    for k in ("comp_rgb", "opacity", "depth", "comp_normal"):
+        torch.testing.assert_close(chunked[k], whole[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="eval_chunk_size"):
+        registry.get("renderer", "volume")({"eval_chunk_size": -1}, geometry=system.geometry,
+                                           material=system.material, background=system.background)

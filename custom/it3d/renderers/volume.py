@@ -117,6 +117,9 @@ def _scatter(slot_idx: Tensor, values: Tensor, total: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- renderer
+EVAL_CHUNK = {"cpu": 4096, "accelerator": 32768}  # eval_chunk_size: auto
+
+
 @register("volume", kind="renderer")
 class VolumeRenderer(BaseRenderer):
     @dataclass
@@ -125,7 +128,9 @@ class VolumeRenderer(BaseRenderer):
         num_importance_samples: int = 32
         randomized: bool = True  # stratified samples in training
         near_plane: float = 0.0
-        eval_chunk_size: int = 4096  # rays per chunk in eval mode
+        # rays per chunk in eval mode (0: all at once); auto = 4096 on a CPU, 32768 on an accelerator (one 800 px
+        # view in 20 chunks instead of 157: far fewer kernel launches; ~1-2 GB of activations per chunk with normals)
+        eval_chunk_size: Any = "auto"
         compute_normals: str = "auto"  # auto | always | never
         grid: dict = field(default_factory=dict)  # OccupancyGridConfig
         sample_capacity_margin: Any = "auto"  # buffer / peak occupied fraction: auto (exact on CPU, 1.5 else) | 0 | >= 1
@@ -147,6 +152,8 @@ class VolumeRenderer(BaseRenderer):
             raise ConfigError(f"renderer.compute_normals: expected auto, always or never, got '{c.compute_normals}'")
         if c.backend != "torch":
             raise ConfigError(f"renderer.backend: only 'torch' is implemented, got '{c.backend}'")
+        if c.eval_chunk_size != "auto" and not (isinstance(c.eval_chunk_size, int) and c.eval_chunk_size >= 0):
+            raise ConfigError(f"renderer.eval_chunk_size: expected auto or a whole number >= 0, got {c.eval_chunk_size!r}")
         if c.num_samples_per_ray < 1 or c.num_importance_samples < 0:
             raise ConfigError("renderer: need num_samples_per_ray >= 1 and num_importance_samples >= 0")
         # held outside the module tree: the system owns (and saves) them once
@@ -197,7 +204,7 @@ class VolumeRenderer(BaseRenderer):
         if light_positions is not None:
             lp = light_positions.float().reshape(-1, 1, 1, 3).expand(b, h, w, 3).reshape(-1, 3)
         n_rays = ro.shape[0]
-        chunk = self.cfg.eval_chunk_size
+        chunk = self.eval_chunk_size(ro.device)
         # n_evaluated (live samples) and n_dropped are device tensors in training: read them only when needed
         self.last_stats = {"n_rays": n_rays, "n_samples": 0, "n_evaluated": 0, "n_slots": 0, "n_dropped": 0}
         if self.training or chunk <= 0 or n_rays <= chunk:
@@ -218,6 +225,11 @@ class VolumeRenderer(BaseRenderer):
             out["z_depth"] = out["depth"] * (rd.view(b, h, w, 3) * axis).sum(-1, keepdim=True)
         out["shading"] = shading
         return out
+
+    def eval_chunk_size(self, device: torch.device) -> int:
+        """Rays per eval chunk on ``device`` (``auto``: :data:`EVAL_CHUNK` by device type)."""
+        size = self.cfg.eval_chunk_size
+        return EVAL_CHUNK["cpu" if device.type == "cpu" else "accelerator"] if size == "auto" else int(size)
 
     def _background(self, dirs: Tensor, bg_color: Optional[Tensor]) -> Tensor:
         if bg_color is None:
