@@ -332,6 +332,13 @@ def outcomes(request, finished, inputs, tmp_path_factory) -> Dict[str, Result]:
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = [pool.submit(chain, serial)] + [pool.submit(run_one, c) for c in free]
         results = [r for j in jobs for r in (j.result() if isinstance(j.result(), list) else [j.result()])]
+    table = os.environ.get("IT3D_BAD_INPUTS_TABLE")  # write the table of messages (for a report) there
+    if table:
+        with open(table, "w") as f:
+            for r in results:
+                lines = [ln for ln in r.proc.stderr.splitlines() if ln.startswith(("error:", "[WARNING]"))]
+                short = lambda t: t.replace(inputs, "IN").replace(finished, "FIN").replace(base, "TMP")  # noqa: E731
+                f.write(f"| {r.case.id} | {r.proc.returncode} | {' / '.join(short(ln) for ln in lines)} |\n")
     return {r.case.id: r for r in results}
 
 

@@ -18,19 +18,22 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 from .errors import ConfigError
 
 _MISSING = dataclasses.MISSING
 
 
+Number = Union[int, float]
+
+
 @dataclass(frozen=True)
 class Range:
-    ge: Optional[float] = None
-    gt: Optional[float] = None
-    le: Optional[float] = None
-    lt: Optional[float] = None
+    ge: Optional[Number] = None
+    gt: Optional[Number] = None
+    le: Optional[Number] = None
+    lt: Optional[Number] = None
     pair: bool = False  # a [lo, hi] list: exactly two values, lo <= hi
     integer: bool = False  # whole numbers only (counts, seeds)
 
@@ -57,7 +60,7 @@ class Range:
 ANY = Range()
 
 
-def _num(v: float) -> str:
+def _num(v: Number) -> str:
     return str(int(v)) if float(v).is_integer() else str(v)
 
 
