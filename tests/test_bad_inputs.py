@@ -204,8 +204,8 @@ CASES = [
     Case("trainer-callbacks", ["stage.coarse.trainer.callbacks=[]"], "trainer.callbacks"),
     Case("probability-range", ["stage.coarse.data.ref_prob=1.5"], "data.ref_prob"),
     Case("resolution-zero", ["stage.coarse.data.heights=[0]"], "data.heights"),
-    Case("bad-schedule", ["stage.coarse.system.background.random_prob=[100,0.5,0.2,10]"],
-         "system.background.random_prob"),
+    Case("bad-schedule", ["stage.coarse.system.guidance.clip_d.min_step_percent=[100,0.5,0.2,10]"],
+         "system.guidance.clip_d.min_step_percent: schedule [start, v0, v1, end] needs 0 <= start <= end"),
     Case("after-train-mode", ["after_train=[tset]"], "after_train"),
     # --- the image
     Case("image-missing", [img("nope.png")], "image not found: {in}/nope.png"),
