@@ -87,7 +87,7 @@ NONNEG = Range(ge=0)
 POS = Range(gt=0)
 # naming conventions: (regex on the field name, range); the first match wins
 RULES: List[Tuple[str, Range]] = [
-    (r"(^|_)probs?$|_percent$|^strength|(^|_)(opacity|mask|score)_threshold$|(^|_)(min|max)_area$|fraction$"
+    (r"(^|_)probs?$|_percent$|^strength|(^|_)(opacity|mask)_threshold$|(^|_)(min|max)_area$|fraction$"
      r"|(^|_)colou?rs?$|^bg_init$", UNIT),
     (r"(^|_)ratio$", Range(ge=0, lt=1)),
     (r"^seed$|_seed$", Range(ge=0, le=2**32 - 1, integer=True)),
@@ -99,6 +99,7 @@ RULES: List[Tuple[str, Range]] = [
     (r"distance_range$", Range(gt=0, pair=True)),
     (r"azimuth(_warmup)?_range$", Range(pair=True)),
     (r"azimuths?$", ANY),  # degrees: any turn
+    (r"score_threshold$", ANY),  # on a model's predicted IoU, which is not confined to [0, 1]
     (r"(^|_)(height|width)$", NONNEG),  # 0: the datamodule's size
     (r"(heights|widths|_height|_width|size|side|resolution|channels|neurons|_dims?|fps|per_pixel|scales"
      r"|supersample|features_per_level|beams)$", POS),
