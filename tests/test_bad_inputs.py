@@ -204,8 +204,8 @@ CASES = [
     Case("trainer-callbacks", ["stage.coarse.trainer.callbacks=[]"], "trainer.callbacks"),
     Case("probability-range", ["stage.coarse.data.ref_prob=1.5"], "data.ref_prob"),
     Case("resolution-zero", ["stage.coarse.data.heights=[0]"], "data.heights"),
-    Case("bad-schedule", ["stage.coarse.system.background.random_prob=[100,0.5,0.2,10]"],
-         "system.background.random_prob"),
+    Case("bad-schedule", ["stage.coarse.system.guidance.clip_d.min_step_percent=[100,0.5,0.2,10]"],
+         "system.guidance.clip_d.min_step_percent: schedule [start, v0, v1, end] needs 0 <= start <= end"),
     Case("after-train-mode", ["after_train=[tset]"], "after_train"),
     # --- the image
     Case("image-missing", [img("nope.png")], "image not found: {in}/nope.png"),
@@ -332,6 +332,13 @@ def outcomes(request, finished, inputs, tmp_path_factory) -> Dict[str, Result]:
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = [pool.submit(chain, serial)] + [pool.submit(run_one, c) for c in free]
         results = [r for j in jobs for r in (j.result() if isinstance(j.result(), list) else [j.result()])]
+    table = os.environ.get("IT3D_BAD_INPUTS_TABLE")  # write the table of messages (for a report) there
+    if table:
+        with open(table, "w") as f:
+            for r in results:
+                lines = [ln for ln in r.proc.stderr.splitlines() if ln.startswith(("error:", "[WARNING]"))]
+                short = lambda t: t.replace(inputs, "IN").replace(finished, "FIN").replace(base, "TMP")  # noqa: E731
+                f.write(f"| {r.case.id} | {r.proc.returncode} | {' / '.join(short(ln) for ln in lines)} |\n")
     return {r.case.id: r for r in results}
 
 

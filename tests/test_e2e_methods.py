@@ -26,6 +26,12 @@ def _cmd(config, *extra):
             "use_timestamp=false", *extra]
 
 
+def _check_quiet(stderr):
+    """Only it3d's own log lines: no library warnings, loading bars or tracebacks without --verbose."""
+    stray = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("[INFO] ", "[WARNING] "))]
+    assert not stray, stray[:5]
+
+
 def _check_final_outputs(stage_dir):
     import trimesh
 
@@ -69,6 +75,7 @@ def test_make_it_3d_tiny_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=900)
     wall = time.time() - t0
     assert r.returncode == 0, r.stderr[-4000:]
+    _check_quiet(r.stderr)
     trial = tmp_path / "tiny-make-it-3d" / "synthetic"
     for stage in ("preprocess", "coarse", "refine"):
         assert (trial / stage / "stats.json").is_file(), stage
@@ -134,6 +141,7 @@ def test_customize_it_3d_tiny_kill_and_resume(tmp_path):
     r = subprocess.run(_cmd("configs/tiny/customize-it-3d.yaml", f"resume={trial}"), cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
+    _check_quiet(r.stderr)
     assert "stage 'dreambooth': finished earlier, skipped" in r.stderr
     assert f"stage 'coarse': resuming from {ckpt}" in r.stderr
     assert (trial / "dreambooth" / "stats.json").stat().st_mtime == db_mtime

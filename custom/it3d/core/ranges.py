@@ -18,19 +18,22 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 from .errors import ConfigError
 
 _MISSING = dataclasses.MISSING
 
 
+Number = Union[int, float]
+
+
 @dataclass(frozen=True)
 class Range:
-    ge: Optional[float] = None
-    gt: Optional[float] = None
-    le: Optional[float] = None
-    lt: Optional[float] = None
+    ge: Optional[Number] = None
+    gt: Optional[Number] = None
+    le: Optional[Number] = None
+    lt: Optional[Number] = None
     pair: bool = False  # a [lo, hi] list: exactly two values, lo <= hi
     integer: bool = False  # whole numbers only (counts, seeds)
 
@@ -57,7 +60,7 @@ class Range:
 ANY = Range()
 
 
-def _num(v: float) -> str:
+def _num(v: Number) -> str:
     return str(int(v)) if float(v).is_integer() else str(v)
 
 
@@ -84,7 +87,7 @@ NONNEG = Range(ge=0)
 POS = Range(gt=0)
 # naming conventions: (regex on the field name, range); the first match wins
 RULES: List[Tuple[str, Range]] = [
-    (r"(^|_)probs?$|_percent$|^strength|(^|_)(opacity|mask|score)_threshold$|(^|_)(min|max)_area$|fraction$"
+    (r"(^|_)probs?$|_percent$|^strength|(^|_)(opacity|mask)_threshold$|(^|_)(min|max)_area$|fraction$"
      r"|(^|_)colou?rs?$|^bg_init$", UNIT),
     (r"(^|_)ratio$", Range(ge=0, lt=1)),
     (r"^seed$|_seed$", Range(ge=0, le=2**32 - 1, integer=True)),
@@ -96,6 +99,7 @@ RULES: List[Tuple[str, Range]] = [
     (r"distance_range$", Range(gt=0, pair=True)),
     (r"azimuth(_warmup)?_range$", Range(pair=True)),
     (r"azimuths?$", ANY),  # degrees: any turn
+    (r"score_threshold$", ANY),  # on a model's predicted IoU, which is not confined to [0, 1]
     (r"(^|_)(height|width)$", NONNEG),  # 0: the datamodule's size
     (r"(heights|widths|_height|_width|size|side|resolution|channels|neurons|_dims?|fps|per_pixel|scales"
      r"|supersample|features_per_level|beams)$", POS),
