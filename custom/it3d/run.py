@@ -217,8 +217,10 @@ def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks
     ckpt_kwargs.update(dict(parsed.checkpoint or {}))
     from .runner.timing import StepTimer
 
-    cbs = [ModelCheckpoint(dirpath=os.path.join(trial_dir, "ckpts"), **ckpt_kwargs), StepTimer(trial_dir)] + \
-        list(callbacks or [])
+    from .runner.progress_callback import ProgressCallback
+
+    cbs = [ModelCheckpoint(dirpath=os.path.join(trial_dir, "ckpts"), **ckpt_kwargs), StepTimer(trial_dir),
+           ProgressCallback(trial_dir)] + list(callbacks or [])
     loggers = [
         TensorBoardLogger(save_dir=trial_dir, name="logs", version="tb", default_hp_metric=False),
         CSVLogger(save_dir=trial_dir, name="logs", version="csv"),
