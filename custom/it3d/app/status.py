@@ -208,9 +208,9 @@ def status_html(v: Optional[Dict]) -> str:
         rows.append("<tr><td>report</td><td>evaluating the renders</td></tr>")
     err = f'<p class="it3d-error" style="color:#b00">{e(v["error"])}</p>' if v.get("error") else ""
     data = " ".join(f'data-{k}="{e(str(x))}"' for k, x in attrs.items())
+    about = " · ".join(e(str(x)) for x in (v["id"], v.get("method"), v.get("preset")) if x)
     return (f'<div id="it3d-status" {data}><p>{head}</p><table>{"".join(rows)}</table>{err}'
-            f'<p style="color:#777;font-size:12px">run {e(v["id"])} · {e(str(v.get("method")))} · '
-            f'{e(str(v.get("preset")))}</p></div>')
+            f'<p style="color:#777;font-size:12px">run {about}</p></div>')
 
 
 def _running_cell(v: Dict) -> str:
