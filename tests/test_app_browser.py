@@ -178,8 +178,8 @@ def test_upload_progress_3d_view_and_downloads(app, browser, tmp_path):
     px = np.asarray(Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("RGB")).astype(np.float32)
     assert px.std() > 3 and len(np.unique(px.reshape(-1, 3) // 8, axis=0)) > 20, "the 3D view is blank"
     # -- the turntable plays
-    wait(lambda: d.execute_script("var v = document.querySelector('#it3d-video video'); return v && v.readyState >= 2;"),
-         60, "the turntable's first frame")
+    wait(lambda: d.execute_script("var v = document.querySelector('#it3d-video video'); "
+                                  "return v && v.readyState >= 2;"), 60, "the turntable's first frame")
 
     # -- downloads: the GLB link returns the trial's GLB, and the other files are whole
     links = wait(lambda: {e.get_attribute("href").split("/")[-1].split("?")[0]: e.get_attribute("href")

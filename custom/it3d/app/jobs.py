@@ -2,7 +2,8 @@
 
 A job lives in ``<out>/runs/<id>/`` (the layout of a batch input, :mod:`it3d.eval.runner`):
 ``job.json`` (method, preset, config files, overrides, the photo), ``input/<photo>``, ``status.json``
-(when it was queued, started and finished, the worker's exit code, cancelled or not), ``logs/app-worker.log`` and everything
+(when it was queued, started and finished, the worker's exit code, cancelled or not),
+``logs/app-worker.log`` and everything
 :func:`it3d.eval.runner.process_input` writes (``trial/``, ``state.json``, ``result.json``, ``report.html``,
 ``done.json``). A job runs as ``python -m it3d.app.worker <run dir>`` -- the same launches as
 ``python -m it3d.batch``, so the same code as ``launch.py`` -- in its own process group, one per slot
@@ -125,7 +126,11 @@ def list_jobs(out: str) -> List[str]:
     if not os.path.isdir(root):
         return []
     ids = [d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "job.json"))]
-    return sorted(ids, key=lambda d: (read_json(os.path.join(root, d, "job.json"), {}).get("created", 0), d), reverse=True)
+
+    def created(d: str):
+        return (read_json(os.path.join(root, d, "job.json"), {}) or {}).get("created", 0), d
+
+    return sorted(ids, key=created, reverse=True)
 
 
 def set_status(run_dir: str, **fields) -> Dict:
@@ -271,7 +276,7 @@ def _die_with_app() -> None:
 
 
 def _kill_group(p: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM the worker's process group (the worker and its launch.py runs); SIGKILL what is left after ``grace_s``."""
+    """SIGTERM the worker's process group (the worker and its launch.py runs); after ``grace_s``, SIGKILL the rest."""
     try:
         os.killpg(p.pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):

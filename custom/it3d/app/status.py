@@ -99,7 +99,8 @@ def report_files(run_dir: str) -> Dict[str, str]:
     for ref in re.findall(r'(?:src|href)="([^"]+)"', text):
         ref = html.unescape(ref)
         p = os.path.normpath(os.path.join(run_dir, ref))
-        if not ref.startswith(("http:", "https:", "data:", "/")) and p.startswith(run_dir + os.sep) and os.path.isfile(p):
+        local = not ref.startswith(("http:", "https:", "data:", "/")) and p.startswith(run_dir + os.sep)
+        if local and os.path.isfile(p):
             files[os.path.relpath(p, run_dir)] = p
     return files
 
@@ -136,9 +137,9 @@ def view(run_dir: str, sched: Dict) -> Dict:
     trial = os.path.join(run_dir, "trial")
     st = _read(os.path.join(run_dir, "status.json"))
     job = _read(os.path.join(run_dir, "job.json"))
-    v: Dict = {"id": job.get("id", os.path.basename(run_dir)), "state": sched["state"], "position": sched.get("position"),
-               "queued": sched.get("queued"), "slot": sched.get("slot"), "stages": stages(trial),
-               "method": job.get("method"), "preset": job.get("preset")}
+    v: Dict = {"id": job.get("id", os.path.basename(run_dir)), "state": sched["state"],
+               "position": sched.get("position"), "queued": sched.get("queued"), "slot": sched.get("slot"),
+               "stages": stages(trial), "method": job.get("method"), "preset": job.get("preset")}
     now = time.time()
     if st.get("started"):
         end = st.get("finished") if v["state"] != "running" and st.get("finished") else now
@@ -221,6 +222,6 @@ def _running_cell(v: Dict) -> str:
         cell += f" {step} / {total} <progress value=\"{step}\" max=\"{total}\"></progress>"
     task = v.get("task") or {}
     if task.get("desc"):
-        cell += f"<br><small>{e(task['desc'])} {task.get('n', 0)}" + (f" / {task['total']}" if task.get("total") else "")
-        cell += "</small>"
+        of = f" / {task['total']}" if task.get("total") else ""
+        cell += f"<br><small>{e(task['desc'])} {task.get('n', 0)}{of}</small>"
     return cell

@@ -48,7 +48,8 @@ def build(sched: jobs.Scheduler, examples: List[str], tiny: bool = False) -> gr.
     def on_start(path: Optional[str], method: str, preset: str, advanced: str):
         if not path:
             return gr.skip(), _msg("upload a photo (or pick an example) first")
-        overrides = [ln.strip() for ln in (advanced or "").splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        lines = [ln.strip() for ln in (advanced or "").splitlines()]
+        overrides = [ln for ln in lines if ln and not ln.startswith("#")]
         try:
             job_id = jobs.new_job(out, path, presets.METHODS[method], preset, overrides, os.path.basename(path))
             sched.submit(job_id)
@@ -127,7 +128,8 @@ def build(sched: jobs.Scheduler, examples: List[str], tiny: bool = False) -> gr.
                 val_image = gr.Image(label="Latest validation view", type="filepath", interactive=False, height=200,
                                      elem_id="it3d-val")
                 with gr.Row():
-                    video = gr.Video(label="Turntable", interactive=False, autoplay=True, loop=True, elem_id="it3d-video")
+                    video = gr.Video(label="Turntable", interactive=False, autoplay=True, loop=True,
+                                     elem_id="it3d-video")
                     model = gr.Model3D(label="3D model (GLB)", elem_id="it3d-model", height=360)
                 files = gr.File(label="Downloads: GLB, OBJ (zip), PLY, report (zip)", file_count="multiple",
                                 interactive=False, elem_id="it3d-downloads")
