@@ -97,6 +97,7 @@ def run_input(bc_fields: Dict, name: str, image: str) -> Dict:
 
 def start_ray(opts: RayOptions):
     """(ray module, whether this call started it)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every input's log lines, not "[repeated 3x across cluster]"
     try:
         import ray
     except ImportError:  # pragma: no cover - ray is a requirement
