@@ -330,9 +330,10 @@ def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks
         tkw["precision"] = precision
     tkw.setdefault("accelerator", dev["accelerator"])
     tkw.setdefault("devices", dev["devices"])
+    from .runner.progress_callback import ProgressCallback
     from .runner.timing import StepTimer
 
-    cbs = [checkpoint_callback(parsed, trial_dir), StepTimer(trial_dir)] + list(callbacks or [])
+    cbs = [checkpoint_callback(parsed, trial_dir), StepTimer(trial_dir), ProgressCallback(trial_dir)] + list(callbacks or [])
     if tkw["enable_progress_bar"]:
         from .core.trainer_parts import StepProgressBar
 

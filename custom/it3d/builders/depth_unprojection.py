@@ -25,6 +25,7 @@ from typing import Any, Dict, List
 
 import torch
 
+from ..core import progress
 from ..core.errors import It3dError
 from ..core.registry import register
 from ..core.typing import Bool, Float, Tensor
@@ -69,7 +70,7 @@ class DepthUnprojectionBuilder(ViewBuilder):
         colors: List[Tensor] = [reference["rgb"].reshape(ref_cam.height, ref_cam.width, 3).float().to(self.device)[sel]]
         views: List[Tensor] = [torch.full((positions[0].shape[0],), -1, dtype=torch.long, device=self.device)]
         per_view = []
-        for v, cam in enumerate(self.novel_cameras(ref_cam)):
+        for v, cam in enumerate(progress.bar(self.novel_cameras(ref_cam), desc="building point cloud", unit="view")):
             view = self.novel_view(coarse, cam, ref_cam)
             new = self.new_pixels(torch.cat(positions), view)
             positions.append(unproject_pixels(view, new))

@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from ..core import progress
 from ..core.config import ConfigError
 from ..core.errors import It3dError
 from ..core.registry import register
@@ -107,7 +108,7 @@ class MeshSamplingBuilder(ViewBuilder):
         view_id[take] = -1
         colored |= take
         per_view = []
-        for v, cam in enumerate(self.novel_cameras(ref_cam)):
+        for v, cam in enumerate(progress.bar(self.novel_cameras(ref_cam), desc="building point cloud", unit="view")):
             view = self.novel_view(coarse, cam, ref_cam)
             vis, i, j = self.visible(pts, cam, view)
             take = vis & view.mask[i, j] & ~colored

@@ -1,36 +1,27 @@
-"""Benchmark runner: run a method config on a folder of inputs, evaluate, tabulate, report.
+"""One benchmark input, start to finish: launch the method, evaluate, write the run's report.
 
-    PYTHONPATH=custom python -m it3d.eval.runner --config configs/make-it-3d.yaml \\
-        --inputs /work/shared/data/realfusion15 --out outputs/bench [--shard i/n] [--gpus 0,1] \\
-        [--names a,b] [--lpips DIR] [--clip ID_OR_DIR] [key=value overrides for the method...]
+:func:`process_input` is what one :mod:`it3d.batch` task (and one web-app job, :mod:`it3d.app`) does
+for ``<out>/runs/<name>/``: it calls ``launch.py --train``, ``--test`` and ``--export`` as
+subprocesses (logs appended to ``logs/<step>.log``; each finished step is recorded in ``state.json``
+and not run again; ``--test`` / ``--export`` are not repeated when ``--train`` already wrote the last
+stage's turntable / exports through ``after_train``), evaluates the renders
+(:mod:`it3d.eval.metrics`), writes ``result.json``, ``media.json``, ``report.html`` and finally
+``done.json``. Inputs use the RealFusion15 layout: ``<inputs>/<name>/rgba.png`` (depth.png /
+normal.png optional); the inputs folder is only read.
 
-Inputs use the RealFusion15 layout: ``<inputs>/<name>/rgba.png`` (depth.png / normal.png
-optional). For each input (``<out>/runs/<name>/``) the runner calls ``launch.py --train``,
-``--test`` and ``--export`` as subprocesses (logs appended to ``logs/<step>.log``; each finished step is
-recorded in ``state.json`` and not run again), evaluates the renders (:mod:`it3d.eval.metrics`),
-writes ``result.json``, ``media.json``, ``report.html`` and finally ``done.json``: an input with
-``done.json`` is skipped by later invocations. The inputs folder is only read.
-
-``--shard i/n`` (1-based) takes every n-th of the sorted names starting at the i-th, so a SLURM
-array (``--shard $((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT``) or Ray tasks can share
-one ``--out``. ``--gpus 0,1`` runs one worker per GPU (``CUDA_VISIBLE_DEVICES`` set per
-subprocess, inputs queued); without CUDA the inputs run one after another on the CPU.
-After its inputs, each invocation rewrites ``results.csv``, ``results.md`` and ``report.html``
-from every finished run in ``<out>`` (``python -m it3d.eval.report --out OUT`` does it alone).
+Scheduling lives in :mod:`it3d.batch` (Ray). ``python -m it3d.eval.runner ...`` is an alias of
+``python -m it3d.batch ...``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import queue
 import shlex
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..core import io
 from ..core.errors import It3dError
@@ -51,8 +42,6 @@ class BenchConfig:
     inputs: str
     out: str
     overrides: List[str] = field(default_factory=list)
-    shard: tuple = (1, 1)
-    gpus: Optional[List[str]] = None
     names: Optional[List[str]] = None
     launch_cmd: List[str] = field(default_factory=lambda: [sys.executable, os.path.join(REPO_ROOT, "launch.py")])
     lpips: str = DEFAULT_LPIPS
@@ -78,21 +67,6 @@ def list_inputs(inputs: str, names: Optional[Sequence[str]] = None) -> Dict[str,
     if not found:
         raise It3dError(f"--inputs {inputs}: no <name>/rgba.png inside")
     return found
-
-
-def parse_shard(text: str) -> tuple:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise It3dError(f"--shard {text}: expected i/n, e.g. 1/4") from None
-    if not (n >= 1 and 1 <= i <= n):
-        raise It3dError(f"--shard {text}: need 1 <= i <= n")
-    return i, n
-
-
-def shard_names(names: Sequence[str], i: int, n: int) -> List[str]:
-    """Deterministic split: the sorted names i-1, i-1+n, i-1+2n, ..."""
-    return sorted(names)[i - 1:: n]
 
 
 # ----------------------------------------------------------------------------- one input
@@ -225,7 +199,41 @@ def evaluate_run(run_dir: str, image: str, suite, row: Dict, notes: Dict[str, st
     return media
 
 
-def process_input(bc: BenchConfig, name: str, image: str, gpu: Optional[str], suite) -> Dict:
+def last_error(log_path: str) -> str:
+    """The error of the last attempt in a step log: its last ``error: ...`` line, else its last line."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            text = f.read()[-65536:]
+    except OSError:
+        return ""
+    attempt = text.rsplit("\n==== ", 1)[-1].splitlines()[2:]  # after the header and the command line
+    lines = [ln.strip() for ln in attempt if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or [""])[-1][:300]
+
+
+def made_by_train(trial_dir: str) -> Dict[str, bool]:
+    """Which of ``--test`` / ``--export`` the ``--train`` step already did (``after_train``): the last stage holds
+    its turntable / its exported files."""
+    stages = outputs.stage_dirs(trial_dir)
+    if not stages:
+        return {"test": False, "export": False}
+    last = stages[-1]
+    return {"test": outputs.turntable(last) is not None,
+            "export": bool(outputs.exports(trial_dir).get(os.path.basename(last)))}
+
+
+def metric_device(gpu: Optional[str]) -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{gpu}" if gpu is not None else "cuda:0"
+
+
+def process_input(bc: BenchConfig, name: str, image: str, gpu: Optional[str] = None, suite=None) -> Dict:
+    """Run, evaluate and report one input (resuming from ``state.json``); returns its result row. ``gpu``: set
+    ``CUDA_VISIBLE_DEVICES`` for the launches (None: keep this process's, as a Ray GPU task has it)."""
     run_dir = run_dir_of(bc.out, name)
     state_path = os.path.join(run_dir, "state.json")
     state = _read_json(state_path, {})
@@ -238,13 +246,23 @@ def process_input(bc: BenchConfig, name: str, image: str, gpu: Optional[str], su
     for step in STEPS:
         if step in state:
             continue
+        if step != "train" and made_by_train(os.path.join(run_dir, "trial"))[step]:
+            state[step] = {"rc": 0, "by": "train (after_train)"}  # no wall time: it is inside time_train_s
+            io.write_text(state_path, json.dumps(state, indent=1))
+            continue
         log.info(f"[{name}] {step}" + (f" on GPU {gpu}" if gpu is not None else ""))
-        res = run_step(launch_command(bc, step, image, run_dir, name), env, os.path.join(run_dir, "logs", f"{step}.log"))
+        log_path = os.path.join(run_dir, "logs", f"{step}.log")
+        res = run_step(launch_command(bc, step, image, run_dir, name), env, log_path)
         if res["rc"] != 0:
-            row["status"] = f"failed: {step} (exit {res['rc']}, see logs/{step}.log)"
+            err = last_error(log_path)
+            row["status"] = f"failed: {step} (exit {res['rc']}, see logs/{step}.log)" + (f": {err}" if err else "")
             break
         state[step] = res
         io.write_text(state_path, json.dumps(state, indent=1))
+    if suite is None:
+        from .metrics import EvalConfig, MetricSuite
+
+        suite = MetricSuite(EvalConfig(lpips=bc.lpips, clip=bc.clip, max_views=bc.max_views), metric_device(gpu))
     media: Dict = {}
     if row["status"] == "ok":
         try:
@@ -290,103 +308,11 @@ def check_out_dir(bc: BenchConfig) -> None:
         io.write_text(p, json.dumps(meta, indent=1))
 
 
-def _device(gpu: Optional[str]) -> str:
-    import torch
-
-    return f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu"
-
-
-def run_benchmark(bc: BenchConfig, process: Callable = process_input) -> List[Dict]:
-    """Run this shard's unfinished inputs; returns their rows (the table covers every finished run)."""
-    from .metrics import EvalConfig, MetricSuite
-
-    bc.out = os.path.abspath(bc.out)
-    inputs_abs = os.path.abspath(bc.inputs)
-    if bc.out == inputs_abs or bc.out.startswith(inputs_abs + os.sep):
-        raise It3dError(f"--out {bc.out} is inside --inputs: inputs are read-only, choose another --out")
-    check_out_dir(bc)
-    images = list_inputs(bc.inputs, bc.names)
-    mine = shard_names(list(images), *bc.shard)
-    todo = [n for n in mine if not is_done(run_dir_of(bc.out, n))]
-    for n in sorted(set(mine) - set(todo)):
-        log.info(f"[{n}] already done: skipped")
-    gpus = bc.gpus if bc.gpus else ([None] if _device("0") == "cpu" else ["0"])
-    ecfg = EvalConfig(lpips=bc.lpips, clip=bc.clip, max_views=bc.max_views)
-    jobs: "queue.Queue[str]" = queue.Queue()
-    for n in todo:
-        jobs.put(n)
-    rows: List[Dict] = []
-    lock = threading.Lock()
-
-    def worker(gpu: Optional[str]) -> None:
-        suite = MetricSuite(ecfg, _device(gpu))
-        while True:
-            try:
-                n = jobs.get_nowait()
-            except queue.Empty:
-                return
-            row = process(bc, n, images[n], gpu, suite)
-            with lock:
-                rows.append(row)
-
-    if len(gpus) == 1:
-        worker(gpus[0])
-    else:
-        threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    from .report import rebuild
-
-    rebuild(bc.out)
-    return rows
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m it3d.eval.runner", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, nargs="+", help="method config(s), merged in order")
-    p.add_argument("--inputs", required=True, help="folder of <name>/rgba.png inputs (read only)")
-    p.add_argument("--out", required=True, help="benchmark output folder")
-    p.add_argument("--shard", default="1/1", help="i/n: run the i-th of n deterministic shards (1-based)")
-    p.add_argument("--gpus", default=None, help="GPU ids, one worker each (default: 0 with CUDA, else CPU)")
-    p.add_argument("--names", default=None, help="comma-separated subset of input names")
-    p.add_argument("--lpips", default=DEFAULT_LPIPS,
-                   help="LPIPS weights dir, or an id under $IT3D_MODEL_ROOT (see it3d.eval.lpips)")
-    p.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP hub id or local dir")
-    p.add_argument("--max-views", type=int, default=24, help="novel views used by CLIP / contextual (0 = all)")
-    p.add_argument("--input-maps", default="", help="comma-separated maps beside rgba.png to hand to the method "
-                   "instead of its own estimates: depth (data.depth_path), normal (data.normal_path)")
-    p.add_argument("--launch-cmd", default=None, help=argparse.SUPPRESS)  # tests: a fake, fast pipeline
-    return p
-
-
 def main(argv=None) -> int:
-    args, extras = build_parser().parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s", stream=sys.stderr)
-    bad = [e for e in extras if e.startswith("-") or "=" not in e]
-    if bad:
-        print(f"error: unexpected argument {bad[0]} (method overrides are key=value)", file=sys.stderr)
-        return 2
-    try:
-        bc = BenchConfig(config=args.config, inputs=args.inputs, out=args.out, overrides=extras,
-                         shard=parse_shard(args.shard), names=args.names.split(",") if args.names else None,
-                         gpus=[g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None,
-                         lpips=args.lpips, clip=args.clip, max_views=args.max_views,
-                         input_maps=[m for m in args.input_maps.split(",") if m])
-        bad_maps = sorted(set(bc.input_maps) - set(outputs.INPUT_MAP_KEYS))
-        if bad_maps:
-            raise It3dError(f"--input-maps: unknown map '{bad_maps[0]}' (known: {', '.join(outputs.INPUT_MAP_KEYS)})")
-        if args.launch_cmd:
-            bc.launch_cmd = shlex.split(args.launch_cmd)
-        rows = run_benchmark(bc)
-    except It3dError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
-    failed = [r["name"] for r in rows if r["status"] != "ok"]
-    print(f"{len(rows)} run(s), {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
-          f"table: {os.path.join(bc.out, 'results.md')}, report: {os.path.join(bc.out, 'report.html')}")
-    return 1 if failed else 0
+    """``python -m it3d.eval.runner``: the same as ``python -m it3d.batch`` (one scheduler)."""
+    from ..batch.cli import main as batch_main
+
+    return batch_main(argv, prog="python -m it3d.eval.runner")
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..core import io
+from ..core import io, progress
 from ..core.base import BaseExporter
 from ..core.errors import It3dError
 from ..core.typing import Tensor
@@ -134,28 +133,28 @@ class MeshAssetExporter(BaseExporter):
         """Write ``stem``.obj/.mtl/.glb + ``stem``_texture.png (and fidelity.json + preview.png beside them)."""
         c, t = self.cfg, {}
         reference = self.reference(system)
-        t0 = time.time()
+        laps = progress.Laps(f"export {os.path.basename(stem)}", 7 if c.fidelity else 6)
         v, f = self.surface(system)
-        t["surface"], t0, n_in = time.time() - t0, time.time(), int(f.shape[0])
+        t["surface"], n_in = laps.lap("surface"), int(f.shape[0])
         if c.target_faces is not None:
             v, f = decimate(v, f, c.target_faces)
-        t["decimate"], t0 = time.time() - t0, time.time()
+        t["decimate"] = laps.lap("decimate")
         watertight = None
         if c.watertight:
             v, f, watertight = make_watertight(v, f)
             if not watertight:
                 log.warning("export.watertight: the repaired mesh still has open or non-manifold edges "
                             "(see fidelity.json: watertight)")
-        t["watertight"], t0 = time.time() - t0, time.time()
+        t["watertight"] = laps.lap("watertight")
         uv, uv_faces, vmap = uv_unwrap(v, f)
-        t["unwrap"], t0 = time.time() - t0, time.time()
+        t["unwrap"] = laps.lap("unwrap")
         tex, bake_info = self.bake(system, v, f, uv, uv_faces, vmap, reference)
-        t["bake"], t0 = time.time() - t0, time.time()
+        t["bake"] = laps.lap("bake")
         frame = asset_frame(v.numpy(), float(reference["azimuth"].reshape(-1)[0]), c.scale, c.height, c.origin)
         normals = frame.rotate(vertex_normals(v, f).numpy())
         paths = io.save_mesh(stem, frame.to_asset(v.numpy()), f, uv=uv, uv_faces=uv_faces, texture=tex, normals=normals,
                              glb=c.glb)
-        t["write"], t0 = time.time() - t0, time.time()
+        t["write"] = laps.lap("write")
         if c.fidelity:
             views = bake_views(reference, c.fidelity_elevations, c.fidelity_azimuths, c.fidelity_size)
             extra = {"faces_extracted": n_in, "faces": int(f.shape[0]), "vertices": int(v.shape[0]),
@@ -163,6 +162,7 @@ class MeshAssetExporter(BaseExporter):
                      "timings_s": {k: round(x, 3) for k, x in t.items()}}
             rec = fidelity.write_fidelity(os.path.dirname(os.path.abspath(stem)), paths.get("glb", paths["obj"]), frame,
                                           views, self.stage_render(system), extra, c.fidelity_ssaa)
+            laps.lap("fidelity")
             ref = rec["reference"]
             log.info(f"export fidelity (reference view): PSNR {ref['psnr']:.2f} dB, mask IoU {ref['mask_iou']:.3f}"
                      f"{'' if rec['meets_targets'] else ' (below the targets: PSNR >= 25 dB, IoU >= 0.95)'}")

@@ -29,6 +29,7 @@ from ..core.base import build
 from ..core.errors import It3dError
 from ..data.images import object_warnings, read_photo
 from ..data.single_image import read_image
+from ..core import progress
 from . import maps
 from .config import PreprocessConfig, parse_preprocess_config
 from .mask import NoObjectError, blank_photo
@@ -200,11 +201,13 @@ def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -
     r.keys["normal"] = _hash(r.keys["rgba"], c.normal_path, est_cfg["normal"], r.keys["depth"])
     r.keys["caption"] = _hash(r.keys["rgba"], est_cfg["caption"])
 
+    laps = progress.Laps("preprocessing", 4)
     given_depth = bool(c.depth_path) and not r.fresh("depth")
     given_normal = bool(c.normal_path) and not r.fresh("normal")
     if not r.fresh("rgba") or given_depth or given_normal:
         _check_writable(os.path.dirname(r.paths["rgba"]))
         _frame(r, given_depth, given_normal)
+    laps.lap("mask + framing")
     out: Dict[str, Any] = {"rgba": r.paths["rgba"]}
     if os.path.isfile(r.paths["mask"]):
         out["mask"] = r.paths["mask"]
@@ -220,6 +223,7 @@ def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -
         r.mark("depth")
     if r.fresh("depth"):  # a stale output (made from other inputs or settings) is never handed out
         out["depth"] = r.paths["depth"]
+    laps.lap("depth")
     if not r.fresh("normal") and r.enabled("normal"):
         _check_writable(os.path.dirname(r.paths["normal"]))
         est = r.estimator("normal")
@@ -232,6 +236,7 @@ def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -
         r.mark("normal")
     if r.fresh("normal"):  # a stale output (made from other inputs or settings) is never handed out
         out["normal"] = r.paths["normal"]
+    laps.lap("normal")
 
     if c.caption:
         out["caption"] = c.caption
@@ -243,6 +248,7 @@ def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -
         if r.fresh("caption"):  # a stale output is never handed out
             with open(r.paths["caption"], encoding="utf-8") as f:
                 out["caption"] = f.read().strip()
+    laps.lap("caption")
     if r.written:
         folder = os.path.dirname(r.paths["rgba"])
         log.info(f"preprocessed {image_path}: made {', '.join(sorted(r.written))} in {folder}")
@@ -319,7 +325,12 @@ def preprocess_from_config(root_cfg: Any, device: Any = None) -> Dict[str, Any]:
     device = device or data.get("device") or (root_cfg.get("system") or {}).get("device") or "cpu"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = ensure_preprocessed(str(image), preprocess_config_from_data(data), device)
+    stage_dir = root_cfg.get("trial_dir")  # a staged run's preprocess stage: report to its progress file
+    prog = progress.ProgressFile(str(stage_dir)) if stage_dir and os.path.isdir(str(stage_dir)) else None
+    if prog is not None:
+        prog.phase("preprocess")
+    with progress.reporting(prog):
+        out = ensure_preprocessed(str(image), preprocess_config_from_data(data), device)
     for k, v in out.items():
         log.info(f"  {k}: {v}")
     return out

@@ -8,7 +8,8 @@
   (stage dirs ``coarse`` and ``refine``, ``stats.json``, ``save/test/{rgb,normal,depth}/NNNN.png``,
   ``turntable.mp4``, ``save/export/*``) in a fraction of a second, so the runner's logic is
   tested without the real pipeline. It runs as a plain script (numpy, PIL, imageio only; no
-  torch, no it3d import). ``$IT3D_FAKE_FAIL=<name>`` (or ``<name>:<mode>``) makes the run of input ``<name>`` fail.
+  torch, no it3d import). ``$IT3D_FAKE_FAIL=<name>`` (or ``<name>:<mode>``) makes the run of input ``<name>`` fail;
+  ``$IT3D_FAKE_SLEEP=<seconds>`` makes ``--train`` take that long; an unreadable image fails like launch.py.
 """
 from __future__ import annotations
 
@@ -99,12 +100,19 @@ def fake_launch(argv: List[str]) -> int:
         print(f"error: fake failure of {name} ({mode})", file=sys.stderr)
         return 1
     t0 = time.time()
+    if mode == "train" and os.environ.get("IT3D_FAKE_SLEEP"):  # a run long enough to be cancelled mid-way
+        time.sleep(float(os.environ["IT3D_FAKE_SLEEP"]))
     cache = kv["data.preprocess.cache_dir"]
     stem = os.path.splitext(os.path.basename(kv["data.image_path"]))[0]
     last = os.path.join(trial, FAKE_STAGES[-1])
     test = os.path.join(last, "save", "test")
     if mode == "train":
-        _write_png(os.path.join(cache, f"{stem}_rgba.png"), recenter_rgba(kv["data.image_path"]))
+        try:
+            rgba = recenter_rgba(kv["data.image_path"])
+        except (OSError, ValueError) as e:  # like launch.py (preprocess/maps.py): one line, exit 1
+            print(f"error: cannot read image {kv['data.image_path']}: {e}", file=sys.stderr)
+            return 1
+        _write_png(os.path.join(cache, f"{stem}_rgba.png"), rgba)
         _write_text(os.path.join(trial, "configs", "parsed.yaml"), "stages:\n" + "".join(f"- name: {s}\n" for s in FAKE_STAGES))
         for s in FAKE_STAGES:
             _write_text(os.path.join(trial, s, "configs", "parsed.yaml"), f"name: {s}\n")
