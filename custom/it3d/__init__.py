@@ -8,6 +8,9 @@ import logging
 __version__ = "0.1.0"
 
 logger = logging.getLogger("it3d")
+# bitsandbytes (imported by diffusers / transformers once installed) warns on CPUs with AVX512-BF16 that an
+# optional kernels package for 4-bit layers is missing; we use only its 8-bit optimisers (--verbose shows it)
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from .core import registry  # noqa: E402
 from .core.registry import register  # noqa: E402

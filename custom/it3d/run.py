@@ -27,6 +27,7 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="[%(levelname)s] %(message)s", stream=sys.stderr, force=True)
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if verbose else logging.ERROR)  # see it3d/__init__
     if not verbose:
         quiet_libraries()
 
@@ -134,7 +135,8 @@ def _prepare_config(config_files: Sequence[str], overrides: Sequence[str], devic
     if cfg.get("stages") is not None and not isinstance(cfg.stages, ListConfig):
         raise ConfigError(f"stages must be a list of {{name, config, run, overrides}} entries, got {cfg.stages!r}")
     cfg.n_gpus = n_gpus
-    fill_device(cfg, device)
+    if not cfg.get("stages"):  # a staged run's root holds shared keys; each stage is filled on its own
+        fill_device(cfg, device)
     if cfg.get("stages") and cfg.get("resume"):
         from .systems.pipeline import resume_target
 
