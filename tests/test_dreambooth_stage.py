@@ -77,7 +77,9 @@ def test_dreambooth_stage_trains_in_order_and_saves_a_pipeline(tmp_path):
                        "normal": "a normal map of sks small blue box", "rgb": "a rgb photo of sks small blue box"}
     # class images: generated once by the base model, cached with their settings
     class_dir = os.path.join(trial, "save", "class_images")
-    assert sorted(os.listdir(class_dir)) == ["0000.png", "0001.png", "info.json"]
+    assert sorted(os.listdir(class_dir)) == ["0000.png", "0001.png", "info.json", "timing.json"]
+    timing = json.load(open(os.path.join(class_dir, "timing.json")))  # what the GPU budget projects from
+    assert (timing["images"], timing["steps"]) == (2, 2) and timing["seconds"] > 0  # num_class_images, class_inference_steps
     assert json.load(open(os.path.join(class_dir, "info.json")))["prompt"] == "a photo of small blue box"
     assert Image.open(os.path.join(class_dir, "0000.png")).size == (64, 64)
 

@@ -103,8 +103,9 @@ RULES: List[Tuple[str, Range]] = [
     (r"(^|_)(height|width)$", NONNEG),  # 0: the datamodule's size
     (r"(heights|widths|_height|_width|size|side|resolution|channels|neurons|_dims?|fps|per_pixel|scales"
      r"|supersample|features_per_level|beams)$", POS),
-    (r"(^|_)steps$|milestones$|^(n|num)_|iterations$|layers$|_images$|^max_(points|new_tokens)$|ray_batch$",
-     Range(ge=0, integer=True)),
+    (r"(^|_)steps$|milestones$|^(n|num)_|iterations$|layers$|_images$|^max_(points|new_tokens|samples)$|ray_batch$",
+     Range(ge=0, integer=True)),  # max_samples: 0 = no cap
+    (r"_faces$|_every$|ssaa$", Range(gt=0, integer=True)),  # target_faces (None: no decimation), resize_every
     (r"eps$|^lr$", POS),
     (r"(^|_)(distance|radius|tol|std|scale|clip|perturb|slope|relief|power|margin|plane|threshold|angle|weight"
      r"|decay)$|^lambda_|^max_slope$", NONNEG),

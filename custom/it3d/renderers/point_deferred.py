@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..core.base import BaseRenderer
 from ..core.errors import It3dError
+from ..core.ranges import unbounded
 from ..core.registry import register
 from ..core.typing import Float, Tensor
 from .gated_unet import GatedUNet
@@ -66,7 +67,7 @@ class PointDeferredRenderer(BaseRenderer):
         # the U-Net's compute dtype: auto = the run's half dtype (precision; fp16 on CUDA, fp32 on CPU) under
         # autocast (fp32 weights, trained as such) | fp32 | fp16 | bf16
         unet_precision: str = "auto"
-        channels_last: Any = "auto"  # the U-Net's memory format: auto = channels_last off the CPU | true | false
+        channels_last: Any = unbounded("auto")  # the U-Net's memory format: auto = channels_last off the CPU | true | false
 
     cfg: Config
 
