@@ -11,6 +11,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _run_precision_restored():
+    """A run's ``precision`` is process-wide (``hub.set_precision``, set by every in-process stage): a bf16
+    run must not leave later tests' ``dtype: auto`` models in bf16."""
+    from it3d.core import hub
+
+    before = hub.get_precision()
+    yield
+    hub.set_precision(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models and tiny tensors: a second intra-op thread only adds synchronisation cost."""

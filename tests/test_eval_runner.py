@@ -146,6 +146,21 @@ def test_a_changed_image_runs_again_after_a_failure(tmp_path):
     assert [r["status"] for r in run_batch(bench(inputs, tmp_path / "out"))] == ["ok"]
 
 
+def test_a_task_that_raises_is_retried_once_then_reported(tmp_path):
+    inputs = make_inputs(tmp_path / "in", ["a1", "b2"])
+    run = tmp_path / "out" / "runs" / "a1"
+    os.makedirs(run)
+    (run / "state.json").write_text("[]")  # a corrupt record: process_input raises inside its Ray task
+    rows = {r["name"]: r for r in run_batch(bench(inputs, tmp_path / "out"))}
+    assert rows["b2"]["status"] == "ok"  # the other input is not stopped
+    err = rows["a1"]["status"]
+    assert err.startswith("failed: task crashed (") and "list indices must be integers" in err, err
+    assert json.loads((run / "failed.json").read_text())["attempts"] == 2
+    assert json.loads((run / "result.json").read_text())["status"] == err  # so the tables list it
+    with open(tmp_path / "out" / "results.csv") as f:
+        assert {t["name"]: t["status"] for t in csv.DictReader(f)}["a1"] == err
+
+
 def test_tasks_ask_ray_for_one_gpu_each_on_gpu_clusters():
     from it3d.batch.scheduler import task_resources
 
