@@ -38,7 +38,10 @@ QUIET_WARNINGS = (
     r".*val_dataloader.* but have no `validation_step`.*",
     r".*predict returned None.*",  # --export writes files instead
     r".*`torch_dtype` is deprecated.*",  # diffusers 0.3x/0.4x while models are loaded with dtype=
-    r".*Checkpoint directory .* exists and is not empty.*",  # resumes write beside the earlier checkpoints
+    r".*Checkpoint directory .* exists and is not empty.*",
+    # refine optimises manually: a checkpoint at step N holds the weights after N optimiser steps, as with
+    # automatic optimisation, which is what a resume at step N expects
+    r"Using ModelCheckpoint with manual optimization.*",  # resumes write beside the earlier checkpoints
     # it3d's training batches are a function of the step, so a mid-epoch resume continues exactly
     r".*resuming from a checkpoint that ended before the epoch ended.*",
 )

@@ -56,7 +56,13 @@ def evaluate(stage_dir: str) -> dict:
     mesh_path = os.path.join(stage_dir, "save", "export", "mesh.obj")
     if os.path.isfile(mesh_path):
         mesh = trimesh.load(mesh_path, force="mesh", process=False)
-        v = torch.tensor(mesh.vertices, dtype=torch.float32)
+        # the OBJ is in the asset frame (glTF: +Y up, metres, front +Z); fidelity.json holds world -> asset
+        import numpy as np
+
+        with open(os.path.join(stage_dir, "save", "export", "fidelity.json")) as fh:
+            to_asset = np.asarray(json.load(fh)["frame"]["world_to_asset"], dtype=np.float64)
+        verts = np.c_[np.asarray(mesh.vertices, dtype=np.float64), np.ones(len(mesh.vertices))] @ np.linalg.inv(to_asset).T
+        v = torch.tensor(verts[:, :3], dtype=torch.float32)
         f = torch.tensor(mesh.faces, dtype=torch.long)
         sil = rasterize_mesh(v, f, ref["c2w"][0], float(ref["fovy"][0]), h, w)["mask"]
         res["mesh_iou"] = float((sil & fg).sum() / (sil | fg).sum())
