@@ -2,6 +2,7 @@
 schedule order and proportions, weights that change, class images cached, the saved pipeline, resume."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def stage_cfg(tmp_path, *extra):
         f"system.pretrained_model_name_or_path={tiny_model_dir('sd')}", "system.num_class_images=2",
         "system.class_inference_steps=2", "system.class_batch_size=2", "system.sample_steps=2",
         "system.optimizer.args.weight_decay=0.0", f"exp_root_dir={tmp_path / 'out'}", "use_timestamp=false",
-        "trainer.enable_progress_bar=false", *extra]
+        "trainer.enable_progress_bar=false", f"system.class_cache_dir={tmp_path / 'class_cache'}", *extra]
     return prepare_config([CONFIG], overrides, device="cpu")
 
 
@@ -79,7 +80,8 @@ def test_dreambooth_stage_trains_in_order_and_saves_a_pipeline(tmp_path):
     class_dir = os.path.join(trial, "save", "class_images")
     assert sorted(os.listdir(class_dir)) == ["0000.png", "0001.png", "info.json", "timing.json"]
     timing = json.load(open(os.path.join(class_dir, "timing.json")))  # what the GPU budget projects from
-    assert (timing["images"], timing["steps"]) == (2, 2) and timing["seconds"] > 0  # num_class_images, class_inference_steps
+    assert (timing["images"], timing["reused"], timing["steps"], timing["sampler"]) == (2, 0, 2, "dpm-solver++")
+    assert timing["seconds"] > 0
     assert json.load(open(os.path.join(class_dir, "info.json")))["prompt"] == "a photo of small blue box"
     assert Image.open(os.path.join(class_dir, "0000.png")).size == (64, 64)
 
@@ -268,3 +270,62 @@ def test_memory_options_checkpointing_8bit_states_and_one_half_precision_save(tm
     assert {v.dtype for v in saved.values()} == {torch.float16}
     trained = ckpt["state_dict"]["unet.conv_in.weight"]
     assert torch.equal(saved["conv_in.weight"], trained.half())  # the trained weights, rounded once
+
+
+def test_class_images_shared_across_runs_keyed_by_settings_and_model(tmp_path, monkeypatch):
+    """A second photo of the same class reuses the first run's class images (no pipeline call, hard links
+    to the same files); other settings or another model make new ones; the sampler is DPM-Solver++ (2M)."""
+    import it3d.systems.dreambooth as db
+    from diffusers import DPMSolverMultistepScheduler
+
+    calls = []
+    orig = db.DreamBoothSystem._generate_class_images
+
+    def spy(self, missing, paths, resolution):
+        calls.append(list(missing))
+        return orig(self, missing, paths, resolution)
+
+    monkeypatch.setattr(db.DreamBoothSystem, "_generate_class_images", spy)
+    seen = []
+    orig_sched = db.class_scheduler
+
+    def sched_spy(name, config):
+        s = orig_sched(name, config)
+        seen.append(s)
+        return s
+
+    monkeypatch.setattr(db, "class_scheduler", sched_spy)
+
+    def class_images(name, *extra):
+        os.makedirs(tmp_path / name, exist_ok=True)
+        cfg, parsed = stage_cfg(tmp_path / name, "trainer.max_steps=1", f"system.class_cache_dir={tmp_path / 'shared'}",
+                                *extra)
+        trial = run_stage(cfg, parsed, "train", DEV)
+        return os.path.join(trial, "save", "class_images")
+
+    first = class_images("one")
+    assert calls == [[0, 1]]
+    assert isinstance(seen[0], DPMSolverMultistepScheduler) and seen[0].config.algorithm_type == "dpmsolver++" \
+        and seen[0].config.solver_order == 2
+    second = class_images("two")  # another trial, same class / settings / model
+    assert calls == [[0, 1]]  # nothing generated
+    for n in ("0000.png", "0001.png"):
+        assert os.path.samefile(os.path.join(first, n), os.path.join(second, n))
+    assert not os.path.exists(os.path.join(second, "timing.json"))
+    class_images("three", "system.class_seed=7")  # other settings: new images
+    assert calls == [[0, 1], [0, 1]]
+    assert len(os.listdir(tmp_path / "shared")) == 2
+    # the same settings and model path, but the model's weights replaced: new images
+    other = tmp_path / "other-sd"
+    shutil.copytree(tiny_model_dir("sd"), other)
+    class_images("four", f"system.pretrained_model_name_or_path={other}")
+    class_images("five", f"system.pretrained_model_name_or_path={other}")
+    assert calls == [[0, 1], [0, 1], [0, 1]]  # "five" reused "four"'s
+    unet = next(p for p in (other / "unet").iterdir() if p.suffix in (".safetensors", ".bin"))
+    os.utime(unet, ns=(10 ** 9, 10 ** 9))
+    class_images("six", f"system.pretrained_model_name_or_path={other}")
+    assert calls == [[0, 1], [0, 1], [0, 1], [0, 1]]
+    # a sampler that is not offered fails at parse time with the key
+    os.makedirs(tmp_path / "seven")
+    with pytest.raises(ConfigError, match="system.class_sampler"):
+        stage_cfg(tmp_path / "seven", "system.class_sampler=euler")

@@ -5,8 +5,12 @@ instance images -- mask, depth, normal, rgb, one modality per step in the order 
 the ``dreambooth`` datamodule's schedule -- with the standard DreamBooth loss: the noise-prediction
 MSE (the target follows ``scheduler.config.prediction_type``: epsilon, v_prediction or sample) plus
 ``prior_loss_weight`` x the same loss on class images ("a photo of <class>") that the base model
-generates once before training (``num_class_images``, cached in ``<save>/class_images`` with the
-settings that made them; a rerun or a resume reuses them and makes only the missing ones).
+generates once before training (``num_class_images``, ``class_batch_size`` per pipeline call, in the
+run's precision, with ``class_sampler``: DPM-Solver++ (2M) by default, 25 steps). They are cached
+twice: in ``<save>/class_images`` with the settings that made them (a rerun or a resume reuses them
+and makes only the missing ones), and in the shared ``class_cache_dir`` under a key of those
+settings plus the base model's identity (its resolved folder and weight files), so another photo of
+the same class with the same model reuses them (hard links into the trial, copies across devices).
 
 Precision: the trained UNet and text encoder keep fp32 master weights and, when the run's
 ``precision`` is half (fp16 on CUDA by default, or bf16), train in Lightning's mixed precision
@@ -29,11 +33,13 @@ per modality prompt into ``<save>/test``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -44,6 +50,7 @@ import torch.nn.functional as F
 from ..core import hub, io
 from ..core.config import ConfigError
 from ..core.errors import It3dError
+from ..core.ranges import check
 from ..core.registry import register
 from ..core.typing import Float, Int, Tensor
 from ..data.dreambooth_data import entry_at
@@ -82,6 +89,54 @@ def training_target(scheduler, latents: Float[Tensor, "B C h w"], noise: Float[T
     raise It3dError(f"unsupported scheduler prediction_type '{kind}' (epsilon, v_prediction or sample)")
 
 
+CLASS_SAMPLERS = ("dpm-solver++", "ddim")
+
+
+def class_scheduler(name: str, config):
+    """The class-image sampler: ``dpm-solver++`` = DPM-Solver++ (2M), multistep, second order (Lu et al.
+    2022: ~20-25 steps match 50 steps of first-order samplers), or ``ddim``."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "dpm-solver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    raise It3dError(f"system.class_sampler: unknown sampler '{name}' (use {', '.join(CLASS_SAMPLERS)})")
+
+
+def model_identity(id_or_path: str) -> dict:
+    """Where the model loads from and, for a folder, the size and mtime of its weight and config files:
+    a changed or replaced model gets new class images."""
+    status, path = hub.locate(id_or_path)
+    files = {}
+    if path and os.path.isdir(path):
+        for sub, _, fnames in sorted(os.walk(path)):
+            for n in sorted(fnames):
+                if n.endswith((".safetensors", ".bin", ".json")):
+                    st = os.stat(os.path.join(sub, n))
+                    files[os.path.relpath(os.path.join(sub, n), path)] = [st.st_size, st.st_mtime_ns]
+    return {"status": status, "path": path, "files": files}
+
+
+def _same_info(folder: str, info: dict) -> bool:
+    try:
+        with open(os.path.join(folder, "info.json"), encoding="utf-8") as f:
+            return json.load(f) == info
+    except (OSError, ValueError):
+        return False
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    tmp = dst + ".tmp.png"
+    try:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        os.link(src, tmp)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 @register("dreambooth", kind="system")
 class DreamBoothSystem(BaseSystem):
     trains_pretrained = True  # the runner trains it in mixed precision when the run's precision is half
@@ -94,10 +149,12 @@ class DreamBoothSystem(BaseSystem):
         prior_loss_weight: float = 1.0
         class_prompt: str = "a photo of {class_name}"
         num_class_images: int = 200
-        class_inference_steps: int = 50
+        class_inference_steps: int = 25
         class_guidance_scale: float = 7.5
         class_batch_size: int = 4
         class_seed: int = 0
+        class_sampler: str = check("dpm-solver++", choices=CLASS_SAMPLERS)  # the class-image pipeline's scheduler
+        class_cache_dir: str = ".it3d_cache/class_images"  # shared across runs; "" = only the trial's own copy
         vae_dtype: str = "auto"  # the frozen VAE (auto: the run's precision); the trained UNet / text encoder keep fp32 weights
         gradient_checkpointing: bool = True  # recompute the UNet's / text encoder's activations in the backward
         save_dtype: str = "auto"  # weights of the saved pipeline: auto (the run's precision: fp16 on CUDA) | fp32 | fp16 | bf16
@@ -165,56 +222,78 @@ class DreamBoothSystem(BaseSystem):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def class_image_settings(self, resolution: int) -> dict:
+        """What makes the class images: the trial's ``info.json``; with :func:`model_identity`, the cache key."""
+        c = self.cfg
+        return {"prompt": self.class_prompt, "resolution": resolution, "steps": c.class_inference_steps,
+                "sampler": c.class_sampler, "guidance_scale": c.class_guidance_scale, "seed": c.class_seed,
+                "model": c.pretrained_model_name_or_path,
+                "dtype": str(hub.resolve_dtype("auto", self.run_device)).replace("torch.", "")}
+
     @torch.no_grad()
     def ensure_class_images(self, resolution: int) -> Float[Tensor, "N R R 3"]:
-        """The prior-preservation images, generated by the current (base) weights once and cached."""
+        """The prior-preservation images, generated by the base weights once and cached (trial and shared)."""
         c = self.cfg
         folder = os.path.join(self.save_dir, "class_images")
-        info = {"prompt": self.class_prompt, "resolution": resolution, "steps": c.class_inference_steps,
-                "guidance_scale": c.class_guidance_scale, "seed": c.class_seed,
-                "model": c.pretrained_model_name_or_path}
-        info_path = os.path.join(folder, "info.json")
-        try:
-            with open(info_path, encoding="utf-8") as f:
-                same = json.load(f) == info
-        except (OSError, ValueError):
-            same = False
-        if not same and os.path.isdir(folder):
+        info = self.class_image_settings(resolution)
+        if not _same_info(folder, info) and os.path.isdir(folder):
             shutil.rmtree(folder)
         os.makedirs(folder, exist_ok=True)
-        io.write_text(info_path, json.dumps(info, indent=1))
-        paths = [os.path.join(folder, f"{i:04d}.png") for i in range(c.num_class_images)]
-        missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
+        io.write_text(os.path.join(folder, "info.json"), json.dumps(info, indent=1))
+        names = [f"{i:04d}.png" for i in range(c.num_class_images)]
+        shared = None
+        if c.class_cache_dir:
+            key = dict(info, model_identity=model_identity(c.pretrained_model_name_or_path))
+            shared = os.path.join(c.class_cache_dir, hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
+            os.makedirs(shared, exist_ok=True)
+            io.write_text(os.path.join(shared, "info.json"), json.dumps(key, indent=1))
+            for n in names:  # reuse what another run made with the same settings and model
+                if not os.path.isfile(os.path.join(folder, n)) and os.path.isfile(os.path.join(shared, n)):
+                    _link_or_copy(os.path.join(shared, n), os.path.join(folder, n))
+        missing = [i for i, n in enumerate(names) if not os.path.isfile(os.path.join(folder, n))]
+        reused = len(names) - len(missing)
         if missing:
-            log.info(f"dreambooth: generating {len(missing)} class images for '{self.class_prompt}'")
-            from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-            # the base model (not the weights being trained, also on a resume), in the run's precision
-            pipe = hub.load(StableDiffusionPipeline, c.pretrained_model_name_or_path, dtype="auto",
-                            device=self.run_device, config_key="system.pretrained_model_name_or_path", cache=False,
-                            safety_checker=None, requires_safety_checker=False)
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-            pipe.set_progress_bar_config(disable=True)
-            import time
-
+            log.info(f"dreambooth: generating {len(missing)} class images for '{self.class_prompt}' "
+                     f"({c.class_sampler}, {c.class_inference_steps} steps)")
             t0 = time.perf_counter()
-            for start in range(0, len(missing), c.class_batch_size):
-                idx = missing[start:start + c.class_batch_size]
-                gen = torch.Generator(device=self.run_device).manual_seed(c.class_seed + idx[0])
-                imgs = pipe([self.class_prompt] * len(idx), num_inference_steps=c.class_inference_steps,
-                            guidance_scale=c.class_guidance_scale, height=resolution, width=resolution,
-                            generator=gen, output_type="np").images
-                for i, img in zip(idx, imgs):
-                    io.save_image(paths[i], img)
-            del pipe
-            if self.run_device.type == "cuda":
-                torch.cuda.synchronize(self.run_device)
-                torch.cuda.empty_cache()
+            self._generate_class_images(missing, [os.path.join(folder, n) for n in names], resolution)
+            if shared is not None:
+                for i in missing:
+                    _link_or_copy(os.path.join(folder, names[i]), os.path.join(shared, names[i]))
             io.write_text(os.path.join(folder, "timing.json"), json.dumps(  # for the speed tables
-                {"images": len(missing), "steps": c.class_inference_steps, "seconds": round(time.perf_counter() - t0, 3)}))
+                {"images": len(missing), "reused": reused, "steps": c.class_inference_steps, "sampler": c.class_sampler,
+                 "seconds": round(time.perf_counter() - t0, 3)}))
+        elif reused:
+            log.info(f"dreambooth: {reused} class images for '{self.class_prompt}' reused from {shared or folder}")
         from ..data.single_image import read_image
 
+        paths = [os.path.join(folder, n) for n in names]
         return torch.from_numpy(np.stack([read_image(p)[..., :3] for p in paths])) if paths else None
+
+    def _generate_class_images(self, missing: List[int], paths: List[str], resolution: int) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        c = self.cfg
+        # the base model (not the weights being trained, also on a resume), in the run's precision
+        pipe = hub.load(StableDiffusionPipeline, c.pretrained_model_name_or_path, dtype="auto",
+                        device=self.run_device, config_key="system.pretrained_model_name_or_path", cache=False,
+                        safety_checker=None, requires_safety_checker=False)
+        pipe.scheduler = class_scheduler(c.class_sampler, pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        for start in range(0, len(missing), c.class_batch_size):
+            idx = missing[start:start + c.class_batch_size]
+            gen = torch.Generator(device=self.run_device).manual_seed(c.class_seed + idx[0])
+            imgs = pipe([self.class_prompt] * len(idx), num_inference_steps=c.class_inference_steps,
+                        guidance_scale=c.class_guidance_scale, height=resolution, width=resolution,
+                        generator=gen, output_type="np").images
+            for i, img in zip(idx, imgs):
+                tmp = paths[i] + ".tmp.png"
+                io.save_image(tmp, img)
+                os.replace(tmp, paths[i])  # a killed run never leaves a half-written image behind
+        del pipe
+        if self.run_device.type == "cuda":
+            torch.cuda.synchronize(self.run_device)
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ training
     def encode_prompts(self, prompts: List[str]) -> Tensor:
