@@ -3,8 +3,9 @@ global step), and one base class per registry kind."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Protocol, runtime_checkable
 
+import torch
 import torch.nn as nn
 
 from . import registry
@@ -96,7 +97,25 @@ class BaseRenderer(BaseModule):
 
 
 class BaseGuidance(BaseModule):
-    pass
+    """A prior that scores renders. Contract (what the systems call, and nothing else):
+
+    * ``forward(rgb (B H W 3) in [0, 1], batch, step) -> {"loss_<name>": scalar tensor, ...}`` (plus
+      optional detached extras for logging); the system multiplies each ``loss_*`` by the entry's weight;
+    * ``set_prompt(text)`` once before training: the caption (or the user's prompt); a prior that takes
+      no text ignores it;
+    * ``set_reference(ref)`` once before training: the reference view (``rgb``, ``mask``, ``c2w``, angles);
+      a prior that needs no reference ignores it.
+    """
+
+    def forward(self, rgb: torch.Tensor, batch: Dict[str, Any], step: Optional[int] = None, **kwargs: Any
+                ) -> Dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(rgb, batch, step)")
+
+    def set_prompt(self, text: str) -> None:
+        """The text prompt (caption); nothing by default."""
+
+    def set_reference(self, ref: Dict[str, Any]) -> None:
+        """The reference view; nothing by default."""
 
 
 class BaseLoss(BaseModule):
@@ -111,12 +130,34 @@ class BaseEstimator(BaseObject):
     pass
 
 
+@runtime_checkable
+class TrainedStage(Protocol):
+    """What builders and exporters may use of a trained stage (a coarse NeRF system, a refined point system):
+    its geometry (``isosurface(...)`` for implicit fields, ``points`` for point clouds), its device, and
+    ``render_view(c2w (4 4), fovy_deg, height, width, **options) -> outputs with batch size 1``
+    (``comp_rgb``, ``opacity``, ``depth``...)."""
+
+    geometry: Any
+    device: torch.device
+
+    def render_view(self, c2w: torch.Tensor, fovy_deg: float, height: int, width: int, **kwargs: Any
+                    ) -> Dict[str, Any]: ...
+
+
 class BaseExporter(BaseObject):
-    pass
+    """Writes a trained stage to files. Contract: ``export(stage: TrainedStage, stem) -> {kind: path}``."""
+
+    def export(self, stage: TrainedStage, stem: str) -> Dict[str, str]:
+        raise NotImplementedError(f"{type(self).__name__} must implement export(stage, stem)")
 
 
 class BaseBuilder(BaseObject):
-    """Builds a stage's starting point from a previous stage (e.g. NeRF -> point cloud)."""
+    """Builds a stage's starting point from a previous stage (e.g. NeRF -> point cloud). Contract:
+    ``build(source: TrainedStage, reference) -> {"points" (N 3), "colors" (N 3), ...}`` with the
+    reference view record (``rgb``, ``mask``, ``c2w``, ``fovy``...); ``release()`` after it."""
+
+    def build(self, source: TrainedStage, reference: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement build(source, reference)")
 
     def release(self) -> None:
         """Let go of the models the build used (called once the result is built); nothing by default."""

@@ -182,12 +182,6 @@ class SDSGuidance(BaseGuidance):
         """Per-sample multiplier of the loss (B,), or None."""
         return None
 
-    def set_prompt(self, text: str) -> None:
-        pass
-
-    def set_reference(self, ref: Dict[str, Any]) -> None:
-        pass
-
     # ------------------------------------------------------------------ loss
     def sds_grad(self, eps_hat: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         grad = self.w(t).view(-1, *([1] * (noise.dim() - 1))) * (eps_hat - noise)

@@ -140,10 +140,8 @@ class CoarseSystem(BaseSystem):
         dm.prepare() if hasattr(dm, "prepare") else None
         ref = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in dm.reference.items()}
         for g in self.guidance.values():
-            if hasattr(g, "set_prompt"):
-                g.set_prompt(getattr(dm, "caption", "") or "")
-            if hasattr(g, "set_reference"):
-                g.set_reference(ref)
+            g.set_prompt(getattr(dm, "caption", "") or "")  # BaseGuidance's contract
+            g.set_reference(ref)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         super().on_train_batch_start(batch, batch_idx)
