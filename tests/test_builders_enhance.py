@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from it3d.data import cameras
+from it3d.core import cameras
 from it3d.builders.enhance import EnhanceConfig, Img2ImgEnhancer, SamMaskUnion, SamUnionConfig, mask_box
 from it3d.testing import scene as sc
 from it3d.testing import tiny_model_dir

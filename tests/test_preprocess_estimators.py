@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from it3d.core import hub
 from it3d.core.base import build
-from it3d.data.cameras import ray_directions
+from it3d.core.cameras import ray_directions
 from it3d.preprocess.caption import class_from_caption
 from it3d.preprocess.depth import normalise_depth
 from it3d.preprocess.mask import keep_center_component

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..core.base import BaseBuilder
 from ..core.errors import It3dError
 from ..core.typing import Bool, Float, Int, Tensor
-from ..data import cameras
+from ..core import cameras
 from .enhance import EnhanceConfig, Img2ImgEnhancer, SamMaskUnion, SamUnionConfig
 
 

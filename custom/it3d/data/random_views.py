@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..core.config import ConfigError
 from ..core.typing import Float, Tensor
-from . import cameras
+from ..core import cameras
 
 
 def camera_batch(elevation: Float[Tensor, "B"], azimuth: Float[Tensor, "B"], distance: Float[Tensor, "B"],

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..core.errors import It3dError
 from ..core.typing import Bool, Float, Int, Tensor
-from ..data import cameras
+from ..core import cameras
 from ..renderers.mesh_rasterizer import rasterize_mesh
 from .views import BakeView
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence
 
 from ..core.typing import Tensor
-from ..data import cameras
+from ..core import cameras
 
 
 @dataclass

@@ -212,7 +212,7 @@ class DreamBoothSystem(BaseSystem):
                 torch.cuda.empty_cache()
             io.write_text(os.path.join(folder, "timing.json"), json.dumps(  # for the speed tables
                 {"images": len(missing), "steps": c.class_inference_steps, "seconds": round(time.perf_counter() - t0, 3)}))
-        from ..data.single_image import read_image
+        from ..core.image import read_image
 
         return torch.from_numpy(np.stack([read_image(p)[..., :3] for p in paths])) if paths else None
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..core import io
 from ..core.typing import Float, Tensor
-from ..data import cameras
+from ..core import cameras
 
 
 @dataclass
