@@ -121,6 +121,11 @@ def object_warnings(mask: np.ndarray, path: str, threshold: float = 0.5) -> None
                     f"better)")
 
 
+def to_uint8_image(image: Float[Tensor, "1 H W 3"]) -> np.ndarray:
+    """1 H W 3 float in [0, 1] -> H W 3 uint8 (the input the transformers processors expect)."""
+    return (image[0].detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
 def find_sibling_map(image_path: str, kind: str) -> Optional[str]:
     """``<stem>_<kind>.png|.npy`` beside the image, or (RealFusion15 layout) ``<kind>.png`` beside
     ``rgba.png`` / ``image.png``; None when there is none."""
