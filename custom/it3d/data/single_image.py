@@ -14,7 +14,8 @@ Framing. The object's bounding box (mask > 0.5) is cropped, centred on a square 
 it spans ``1 - border_ratio`` of the side, and resized (premultiplied by alpha, antialiased) to
 each needed resolution; depth and normal maps get the identical crop / pad / resize.
 
-Training batches (``batch["ref"]``, ``batch["random"]``, ``batch["use_ref"]``): see CONTRACTS.md.
+Training batches (``batch["ref"]``, ``batch["random"]``, ``batch["use_ref"]``): see the README's
+"Components by kind" section.
 ``use_ref`` is drawn every step from a generator seeded with (seed, step) with probability
 ``ref_prob``; both ``ref`` and ``random`` are always present so a system may apply reference
 losses every step. Step-dependent settings (azimuth range, resolution) follow ``update_step``; the
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..core import registry
+from ..core import cameras, registry
 from ..core.base import Updateable
 from ..core.config import ConfigError, check, unbounded
 from ..core.errors import It3dError
@@ -288,7 +289,7 @@ class SingleImageDataModule(BaseDataModule, Updateable):
 
     def eval_view(self, index: int, n_views: int) -> Dict:
         c = self.cfg
-        e, a, d, f = rv.orbit_views(n_views, c.ref_elevation, c.ref_distance, c.ref_fovy, c.ref_azimuth)
+        e, a, d, f = cameras.orbit_views(n_views, c.ref_elevation, c.ref_distance, c.ref_fovy, c.ref_azimuth)
         s = slice(index, index + 1)
         out = rv.camera_batch(e[s], a[s], d[s], f[s], c.eval_height, c.eval_width)
         out["light_positions"] = out["c2w"][:, :3, 3].clone()

@@ -71,21 +71,6 @@ def blend_colors(points: Float[Tensor, "N 3"], normals: Optional[Float[Tensor, "
     return colors.clamp(0, 1), seen
 
 
-def fill_unseen(points: Float[Tensor, "N 3"], colors: Float[Tensor, "N 3"], seen: Bool[Tensor, "N"]) -> Tensor:
-    """Unseen points copy the colour of the nearest seen point (3D)."""
-    if bool(seen.all()):
-        return colors
-    if not bool(seen.any()):
-        raise It3dError("texture baking: no view sees the mesh (check the export cameras and the coarse mesh)")
-    from scipy.spatial import cKDTree
-
-    tree = cKDTree(points[seen].cpu().numpy())
-    _, nn = tree.query(points[~seen].cpu().numpy())
-    out = colors.clone()
-    out[~seen] = colors[seen][torch.as_tensor(nn, device=colors.device)]
-    return out
-
-
 @torch.no_grad()
 def project_colors(render: Callable[[BakeView], Tensor], vertices: Float[Tensor, "V 3"], faces: Int[Tensor, "F 3"],
                    points: Float[Tensor, "N 3"], face_id: Int[Tensor, "N"], views: List[BakeView], depth_tol: float,
