@@ -70,7 +70,7 @@ def all_edges() -> List[Edge]:
 
 
 def package(mod: str) -> str:
-    """``it3d.data.cameras`` -> ``data``; ``it3d.run`` -> ``run``; the root ``it3d`` -> ``it3d``."""
+    """``it3d.data.single_image`` -> ``data``; ``it3d.run`` -> ``run``; the root ``it3d`` -> ``it3d``."""
     parts = mod.split(".")
     return parts[1] if len(parts) > 1 else "it3d"
 
