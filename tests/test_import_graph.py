@@ -59,7 +59,7 @@ def imports_of(path: str) -> List[Edge]:
             visit(child, inner)
 
     visit(ast.parse(open(path, encoding="utf-8").read(), path), False)
-    return edges
+    return list(dict.fromkeys(edges))  # "from .x import a, b": one edge
 
 
 def all_edges() -> List[Edge]:
