@@ -27,9 +27,9 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core import cameras
 from ..core.base import BaseBuilder
 from ..core.errors import It3dError
-from ..core import cameras
 from ..core.typing import Bool, Float, Int, Tensor
 from .enhance import EnhanceConfig, Img2ImgEnhancer, SamMaskUnion, SamUnionConfig
 

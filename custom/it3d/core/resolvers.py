@@ -1,6 +1,7 @@
 """OmegaConf resolvers available in every config: ``${add:a,b}``, ``${stem:path}``, ``${image_tag:path}``,
 ``${env:NAME,default}`` and more. ``${tiny:sd}`` (a tiny offline test model's folder) is registered by
-``it3d.testing`` (imported by the ``it3d`` package), through :func:`register_resolver`: core knows nothing of testing."""
+``it3d.testing`` (imported by the ``it3d`` package) through :func:`register_resolver`: core knows nothing
+of testing."""
 from __future__ import annotations
 
 import math

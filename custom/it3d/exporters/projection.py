@@ -18,9 +18,9 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core import cameras
 from ..core.errors import It3dError
 from ..core.typing import Bool, Float, Int, Tensor
-from ..core import cameras
 from ..renderers.mesh_rasterizer import rasterize_mesh
 from .views import BakeView
 

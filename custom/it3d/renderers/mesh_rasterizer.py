@@ -19,8 +19,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..core.typing import Float, Int, Tensor
 from ..core import cameras
+from ..core.typing import Float, Int, Tensor
 
 
 def _cross2(ax, ay, bx, by):
