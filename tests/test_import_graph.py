@@ -191,6 +191,14 @@ def test_no_back_running_import(edges, src, dst):
     assert back == [], f"{src} imports {dst}: {back}"
 
 
+@pytest.mark.parametrize("src", ["core", "data"])
+def test_core_and_data_know_nothing_of_the_floors_above(edges, src):
+    """DESIGN.md: no import runs up a floor; core and data know nothing of testing, eval, systems or runner."""
+    up = [(e.where, e.dst) for e in edges
+          if package(e.src) == src and package(e.dst) in ("testing", "eval", "systems", "runner", "run", "app", "batch")]
+    assert up == []
+
+
 def test_old_module_paths_are_gone():
     for rel in ("data/cameras.py", "data/images.py", "preprocess/sam.py"):
         assert not os.path.exists(os.path.join(ROOT, rel)), rel
