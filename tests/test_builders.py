@@ -15,7 +15,7 @@ import torch
 
 from it3d.core import registry
 from it3d.core.errors import It3dError
-from it3d.data import cameras
+from it3d.core import cameras
 from it3d.testing import scene as sc
 
 SPEC = sc.SceneSpec()

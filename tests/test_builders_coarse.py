@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from it3d.core import registry
 from it3d.core.config import load_config
-from it3d.data import cameras
+from it3d.core import cameras
 
 from test_builders import hits_per_view_ok
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from it3d.data import cameras
+from it3d.core import cameras
 from it3d.builders.enhance import EnhanceConfig, Img2ImgEnhancer, SamMaskUnion, SamUnionConfig, mask_box
 from it3d.testing import scene as sc
 from it3d.testing import tiny_model_dir
@@ -77,7 +77,7 @@ def test_sam_union_applies_only_at_or_above_threshold():
 def test_builder_with_sam_and_enhance(monkeypatch):
     # SAM's predicted IoU of the random tiny model can be any real number: pin it to 0.5 so that the
     # thresholds 0 and 1 (the ends of the allowed range) always / never unite
-    from it3d.preprocess.sam import SamSegmenter
+    from it3d.core.segment import SamSegmenter
 
     segment = SamSegmenter.segment
     monkeypatch.setattr(SamSegmenter, "segment", lambda self, *a, **k: (lambda m, s: (m, torch.full_like(s, 0.5)))(

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from it3d.data import cameras
+from it3d.core import cameras
 from it3d.exporters.mesh import bake_texture
 from it3d.exporters.texture import fill_gutter, pull_push_fill
 from it3d.renderers.mesh_rasterizer import interpolate, rasterize_2d, rasterize_mesh

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from it3d.data import cameras
+from it3d.core import cameras
 from it3d.testing.scene import SceneSpec, make_scene, reference_camera, render_view
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from it3d.core import registry
 from it3d.core.base import BaseGuidance
-from it3d.data import cameras
+from it3d.core import cameras
 from it3d.data.dreambooth_data import NORMAL_BACKGROUND, modality_image
 from it3d.run import build_components, prepare_config
 

@@ -6,7 +6,7 @@ from PIL import Image
 
 from it3d.core import registry
 from it3d.core.errors import It3dError
-from it3d.data import cameras
+from it3d.core import cameras
 from it3d.testing.scene import make_scene, save_png16
 
 

@@ -169,7 +169,7 @@ def test_schedule_and_modality_images():
     img = modality_image("depth", torch.ones(1, 1, 3, 3), mask, depth)
     assert img[0, 0, :, 0].tolist() == [0.0, 1.0, 0.0]  # near = bright over the mask, black outside
     # world normals facing a camera at azimuth 90 (+y) are camera-space +z: (0.5, 0.5, 1); black background
-    from it3d.data.cameras import spherical_c2w
+    from it3d.core.cameras import spherical_c2w
 
     normal = torch.tensor([[0.0, 1.0, 0.0]]).expand(1, 1, 3, 3)
     img = modality_image("normal", torch.ones(1, 1, 3, 3), mask, normal=normal, c2w=spherical_c2w(0.0, 90.0, 1.0)[None])

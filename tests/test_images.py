@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageOps
 
 from it3d.core.errors import It3dError
-from it3d.data.images import object_warnings, read_image, read_photo
+from it3d.core.image import object_warnings, read_image, read_photo
 from it3d.preprocess.mask import NoObjectError, SamMaskEstimator, blank_photo
 
 

@@ -91,7 +91,7 @@ def test_orient_loss_on_the_volume_renderer_closed_form():
     assert float(make("orient")(out, {})) == pytest.approx(0.5 * 0.36)
 
     from it3d.core import registry
-    from it3d.data.cameras import get_rays, spherical_c2w
+    from it3d.core.cameras import get_rays, spherical_c2w
 
     geo = registry.get("geometry", "implicit-volume")({"pos_encoding": {"n_levels": 2, "log2_hashmap_size": 10,
                                                                         "base_resolution": 4, "max_resolution": 8}})

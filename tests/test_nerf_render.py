@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from it3d.core.registry import get
-from it3d.data.cameras import get_rays, spherical_c2w
+from it3d.core.cameras import get_rays, spherical_c2w
 from it3d.renderers.occupancy_grid import OccupancyGrid
 from it3d.renderers.volume import accumulate, ray_aabb, sample_pdf, volume_weights
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from it3d.data.single_image import read_image
+from it3d.core.image import read_image
 from it3d.preprocess import entry
 from it3d.preprocess.__main__ import main as cli_main
 from it3d.preprocess.caption import BlipCaptionEstimator

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from it3d.core import hub
 from it3d.core.base import build
-from it3d.data.cameras import ray_directions
-from it3d.preprocess.caption import class_from_caption
+from it3d.core.cameras import ray_directions
+from it3d.core.caption import class_from_caption
 from it3d.preprocess.depth import normalise_depth
 from it3d.preprocess.mask import keep_center_component
 from it3d.preprocess.normal import normals_from_depth
@@ -54,7 +54,7 @@ def test_normalise_depth_by_hand():
 def test_tiny_caption_round_trip_matches_direct_generate(monkeypatch):
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    from it3d.preprocess.caption import clean_caption
+    from it3d.core.caption import clean_caption
 
     path = tiny_model_dir("caption")
     est = build("estimator", "blip-caption", {"pretrained_model_name_or_path": path, "max_new_tokens": 5,
@@ -76,7 +76,7 @@ def test_tiny_caption_round_trip_matches_direct_generate(monkeypatch):
 
 
 def test_clean_caption():
-    from it3d.preprocess.caption import clean_caption
+    from it3d.core.caption import clean_caption
 
     assert clean_caption("there is a close up of a red car on a black background") == "a photo of a red car on a ground"
     assert clean_caption("araffe dog sitting on a bench") == "dog sitting on a bench"

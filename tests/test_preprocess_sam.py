@@ -4,7 +4,7 @@ import torch
 from transformers import SamModel, SamProcessor
 
 from it3d.core import hub
-from it3d.preprocess.sam import SamSegmenter
+from it3d.core.segment import SamSegmenter
 from it3d.testing import tiny_model_dir
 
 

@@ -234,7 +234,7 @@ def test_v_prediction_model_is_converted_to_noise(tmp_path):
 def test_camera_maths_keeps_the_batch_device():
     """Numbers mixed with device tensors stay on that device (the meta device stands in for CUDA: a CPU tensor
     broadcast against it fails as against a CUDA one) -- Zero123's angle scale crashed on CUDA this way."""
-    from it3d.data import cameras
+    from it3d.core import cameras
 
     elev, azim = torch.zeros(3, device="meta"), torch.tensor([0.0, 90.0, 180.0], device="meta")
     assert cameras.camera_position(elev, azim, 1.0).device.type == "meta"

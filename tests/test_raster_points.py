@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from it3d.core import registry
-from it3d.data.cameras import spherical_c2w
+from it3d.core.cameras import spherical_c2w
 from it3d.renderers.point_deferred import scale_sizes
 from it3d.renderers.point_rasterizer import (Fragments, WeightedGather, composite, project_points, pytorch3d_available,
                                              rasterize, rasterize_pytorch3d, rasterize_torch)

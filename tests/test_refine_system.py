@@ -10,8 +10,8 @@ import torch
 
 from it3d.core import io, registry
 from it3d.core.base import BaseBuilder
-from it3d.data import cameras
-from it3d.eval.metrics import psnr
+from it3d.core import cameras
+from it3d.core.metrics import psnr
 from it3d.run import prepare_config, run_stage
 from it3d.testing.scene import make_scene
 

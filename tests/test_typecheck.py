@@ -11,7 +11,7 @@ sys.path.insert(0, {custom!r})
 from jaxtyping import install_import_hook
 install_import_hook("it3d", "beartype.beartype")
 import torch
-from it3d.data.single_image import recentre
+from it3d.core.image import recentre
 recentre(torch.ones(4, 8, 8), torch.ones(8, 8), 0.2)  # right shapes: fine
 try:
     recentre(torch.ones(8, 8), torch.ones(8, 8), 0.2)  # planes must be C H W

@@ -15,6 +15,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 from .core import registry  # noqa: E402
 from .core.registry import register  # noqa: E402
 from . import losses  # noqa: E402,F401
+from . import testing  # noqa: E402,F401  (registers the ${tiny:...} config resolver; light: builds nothing)
 
 # component packages; each package's __init__ imports all of its modules ("base" first)
 _PACKAGES = [

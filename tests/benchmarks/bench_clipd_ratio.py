@@ -32,7 +32,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import it3d  # noqa: F401
     from it3d.core import registry
-    from it3d.data import cameras
+    from it3d.core import cameras
     from it3d.testing import tiny_model_dir
     from it3d.testing.scene import reference_camera, render_view
 

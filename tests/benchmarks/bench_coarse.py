@@ -33,7 +33,7 @@ _src = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else HERE_SR
 sys.path.insert(0, os.path.abspath(_src))
 
 from it3d.core.registry import get  # noqa: E402
-from it3d.data.cameras import get_rays, spherical_c2w  # noqa: E402
+from it3d.core.cameras import get_rays, spherical_c2w  # noqa: E402
 from it3d.renderers import volume as volume_mod  # noqa: E402
 
 

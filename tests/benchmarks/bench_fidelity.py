@@ -58,7 +58,7 @@ def measure(root: str, stage_dir: str, size: int, dilate: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from it3d.data import cameras
+    from it3d.core import cameras
     from it3d.eval.metrics import psnr
     from it3d.systems.loading import load_stage
 

@@ -49,7 +49,7 @@ def run_case(n: int, size: int, device: str, backend: str, repeats: int, channel
     import torch
 
     from it3d.core import registry
-    from it3d.data.cameras import spherical_c2w
+    from it3d.core.cameras import spherical_c2w
     from it3d.renderers.point_deferred import scale_sizes
     from it3d.renderers.point_rasterizer import project_points, rasterize_projected, scale_coords
 

@@ -27,10 +27,10 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core import cameras
 from ..core.base import BaseBuilder
 from ..core.errors import It3dError
 from ..core.typing import Bool, Float, Int, Tensor
-from ..data import cameras
 from .enhance import EnhanceConfig, Img2ImgEnhancer, SamMaskUnion, SamUnionConfig
 
 
@@ -52,12 +52,11 @@ class Camera:
 
 @dataclass
 class View:
-    """One rendered build view: ``rgb`` H W 3 (object colour), ``alpha`` H W, ``depth`` H W
-    (z-depth along the camera axis), ``mask`` H W bool (alpha > threshold, maybe united with SAM)."""
+    """One rendered build view: ``rgb`` H W 3 (object colour), ``depth`` H W (z-depth along the camera
+    axis), ``mask`` H W bool (rendered opacity > threshold, maybe united with SAM)."""
 
     camera: Camera
     rgb: Tensor
-    alpha: Tensor
     depth: Tensor
     mask: Tensor
     angle: float = 0.0  # degrees between this view's direction and the reference view's
@@ -256,7 +255,7 @@ class ViewBuilder(BaseBuilder):
         if self.cfg.unblend_background:
             rgb = ((rgb - (1.0 - alpha[..., None])) / safe_a[..., None]).clamp(0, 1)
         rgb = torch.where(mask[..., None], rgb, torch.ones_like(rgb))
-        return View(cam, rgb, alpha, depth, mask)
+        return View(cam, rgb, depth, mask)
 
     def novel_view(self, coarse: Any, cam: Camera, ref: Camera) -> View:
         """Render a novel view, then enhance its image (img2img) and unite its mask with SAM's if enabled."""

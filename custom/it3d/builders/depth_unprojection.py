@@ -25,11 +25,11 @@ from typing import Any, Dict, List
 
 import torch
 
+from ..core import cameras
 from ..core import progress
 from ..core.errors import It3dError
 from ..core.registry import register
 from ..core.typing import Bool, Float, Tensor
-from ..data import cameras
 from .base import Camera, View, ViewBuilder, depth_slope, on_visible_layer, splat_disc
 
 log = logging.getLogger("it3d")

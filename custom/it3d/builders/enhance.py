@@ -8,7 +8,7 @@
   the caption given to :meth:`Img2ImgEnhancer.set_caption`.
 * :class:`SamMaskUnion`: unite a rendered foreground mask with SAM's mask for the box around it,
   when SAM's predicted IoU score is at least ``score_threshold``. SAM runs through
-  ``it3d.preprocess.sam.SamSegmenter`` (transformers ``SamModel`` / ``facebook/sam-vit-*``: pure
+  ``it3d.core.segment.SamSegmenter`` (transformers ``SamModel`` / ``facebook/sam-vit-*``: pure
   PyTorch, no torchvision, runs on CPU and GPU alike).
 """
 from __future__ import annotations
@@ -162,9 +162,9 @@ class SamMaskUnion:
     def segmenter(self):
         if self._seg is None:
             try:
-                from ..preprocess.sam import SamSegmenter
+                from ..core.segment import SamSegmenter
             except ImportError as e:
-                raise It3dError(f"system.builder.sam: it3d.preprocess.sam is not available ({e})") from None
+                raise It3dError(f"system.builder.sam: it3d.core.segment is not available ({e})") from None
             self._seg = SamSegmenter(self.cfg.pretrained_model_name_or_path, self.device, self.cfg.dtype,
                                      config_key=_config_key("sam"))
         return self._seg

@@ -31,9 +31,10 @@ from ..core import progress
 from ..core.config import ConfigError
 from ..core.errors import It3dError
 from ..core.registry import register
-from ..core.typing import Bool, Float, Tensor
+from ..core.surface import fill_nearest, isosurface_mesh
+from ..core.typing import Float, Tensor
 from .base import Camera, View, ViewBuilder, on_visible_layer, point_zbuffer
-from .sampling import clean_mesh, mesh_arrays, poisson_disk_sample
+from .sampling import clean_mesh, poisson_disk_sample
 
 log = logging.getLogger("it3d")
 
@@ -63,10 +64,8 @@ class MeshSamplingBuilder(ViewBuilder):
 
     # ------------------------------------------------------------------ steps
     def sample_surface(self, coarse: Any) -> Float[Tensor, "N 3"]:
-        res, thr = self.cfg.isosurface_resolution, self.cfg.isosurface_threshold
-        mesh = coarse.geometry.isosurface(res) if thr is None else coarse.geometry.isosurface(res, thr)
-        v, f = mesh_arrays(mesh)
-        tm = clean_mesh(v, f, self.cfg.keep_largest_component, self.cfg.min_component_fraction)
+        v, f = isosurface_mesh(coarse.geometry, self.cfg.isosurface_resolution, self.cfg.isosurface_threshold)
+        tm = clean_mesh(v.double().numpy(), f.numpy(), self.cfg.keep_largest_component, self.cfg.min_component_fraction)
         pts, _, r = poisson_disk_sample(tm, self.cfg.num_points, seed=self.cfg.seed, radius=self.cfg.poisson_radius)
         self.mesh = (torch.from_numpy(np.asarray(tm.vertices)).float().to(self.device),
                      torch.from_numpy(np.asarray(tm.faces)).long().to(self.device))
@@ -120,20 +119,8 @@ class MeshSamplingBuilder(ViewBuilder):
         if not bool(colored.any()):
             raise It3dError("mesh-sampling: no sample is visible in any build view; is the isosurface where the "
                             "coarse NeRF renders its object (system.builder.isosurface_threshold)?")
-        self.fill_uncolored(pts, colors, colored)
+        colors = fill_nearest(pts, colors, colored)
         self.stats.update({"n_points": n, "n_ref": n_ref, "n_per_view": per_view, "n_filled": int((~colored).sum())})
         log.info(f"mesh-sampling: {n} samples: {n_ref} from the reference, {sum(per_view)} from "
                  f"{len(per_view)} novel views, {int((~colored).sum())} by nearest neighbour")
         return self.pack(pts, colors, view_id == -1, view_id)
-
-    @staticmethod
-    def fill_uncolored(pts: Float[Tensor, "N 3"], colors: Float[Tensor, "N 3"], colored: Bool[Tensor, "N"]) -> None:
-        """In place: each uncoloured point takes its nearest coloured neighbour's colour."""
-        if bool(colored.all()):
-            return
-        from scipy.spatial import cKDTree
-
-        src = pts[colored].cpu().numpy()
-        dst = pts[~colored].cpu().numpy()
-        _, idx = cKDTree(src).query(dst, k=1)
-        colors[~colored] = colors[colored][torch.from_numpy(np.asarray(idx)).to(colors.device)]

@@ -14,35 +14,13 @@ across the top-up. No Python loop runs over points.
 from __future__ import annotations
 
 import logging
-from typing import Any, Tuple
+from typing import Tuple
 
 import numpy as np
 
 from ..core.errors import It3dError
 
 log = logging.getLogger("it3d")
-
-
-def mesh_arrays(mesh: Any) -> Tuple[np.ndarray, np.ndarray]:
-    """Vertices (V 3 float64) and faces (F 3 int64) of whatever ``isosurface`` returned: an object
-    with ``v_pos``/``t_pos_idx`` or ``vertices``/``faces``, a dict with those keys, or a (v, f) pair."""
-    def arr(x):
-        if hasattr(x, "detach"):
-            x = x.detach().cpu().numpy()
-        return np.asarray(x)
-
-    if isinstance(mesh, (tuple, list)) and len(mesh) == 2:
-        v, f = mesh
-    else:
-        get = mesh.get if isinstance(mesh, dict) else (lambda k, d=None: getattr(mesh, k, d))
-        v = get("v_pos", None)
-        v = get("vertices", None) if v is None else v
-        f = get("t_pos_idx", None)
-        f = get("faces", None) if f is None else f
-        if v is None or f is None:
-            raise It3dError(f"mesh-sampling: cannot read vertices/faces from {type(mesh).__name__} "
-                            "(expected v_pos/t_pos_idx or vertices/faces)")
-    return arr(v).astype(np.float64).reshape(-1, 3), arr(f).astype(np.int64).reshape(-1, 3)
 
 
 def clean_mesh(vertices: np.ndarray, faces: np.ndarray, keep_largest: bool = True,

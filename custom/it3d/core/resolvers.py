@@ -1,5 +1,7 @@
 """OmegaConf resolvers available in every config: ``${add:a,b}``, ``${stem:path}``, ``${image_tag:path}``,
-``${tiny:sd}`` (a tiny offline test model's folder), ``${env:NAME,default}`` and more."""
+``${env:NAME,default}`` and more. ``${tiny:sd}`` (a tiny offline test model's folder) is registered by
+``it3d.testing`` (imported by the ``it3d`` package) through :func:`register_resolver`: core knows nothing
+of testing."""
 from __future__ import annotations
 
 import math
@@ -17,11 +19,13 @@ def _image_tag(path) -> str:
     return stem.replace(" ", "_")
 
 
-def _tiny_dir(name) -> str:
-    """``${tiny:sd}``: folder of a tiny offline test model (built on first use); for configs/tiny only."""
-    from ..testing import tiny_model_dir
-
-    return tiny_model_dir(str(name))
+def register_resolver(name: str, fn) -> None:
+    """Register ``${name:...}`` once (a second registration of the same name is ignored)."""
+    if not OmegaConf.has_resolver(name):
+        if hasattr(OmegaConf, "register_resolver"):
+            OmegaConf.register_resolver(name, fn, annotation_validation="off")
+        else:  # omegaconf < 2.4
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def register_resolvers() -> None:
@@ -48,13 +52,8 @@ def register_resolvers() -> None:
         "rmspace": lambda s, sub="_": str(s).replace(" ", sub),
         "env": lambda name, default="": os.environ.get(str(name), default),
         "image_tag": _image_tag,
-        "tiny": _tiny_dir,
     }
     for name, fn in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            if hasattr(OmegaConf, "register_resolver"):
-                OmegaConf.register_resolver(name, fn, annotation_validation="off")
-            else:  # omegaconf < 2.4
-                OmegaConf.register_new_resolver(name, fn)
+        register_resolver(name, fn)
 
 

@@ -5,7 +5,7 @@ depth map, normal map and RGB photo, each with its own prompt, in that order: 25
 steps by default (``modalities``: a list of ``{modality, prompt, steps}``; ``step_scale`` scales
 every count, at least one step each). Prompts are templates over ``{identifier}`` (``sks``) and
 ``{class_name}``; the class name is ``class_name`` when set, else the head noun phrase of the
-caption (``preprocess.caption.class_from_caption``: "a photo of a teddy bear on a table" ->
+caption (``core.caption.class_from_caption``: "a photo of a teddy bear on a table" ->
 "teddy bear"), so the class prompt "a photo of teddy bear" names a class the base model knows.
 
 The inputs (image, mask, depth, normal, caption, framing) are those of ``single-image``, whose
@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..core import registry
+from ..core.caption import class_from_caption
 from ..core.config import ConfigError, parse_structured
 from ..core.errors import It3dError
 from ..core.typing import Float, Tensor
@@ -147,8 +148,6 @@ class DreamBoothDataModule(SingleImageDataModule):
     @property
     def class_name(self) -> str:
         if self._class_name is None:
-            from ..preprocess.caption import class_from_caption
-
             self.prepare()
             name = self.cfg.class_name or class_from_caption(self.caption)
             if not name:

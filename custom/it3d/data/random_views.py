@@ -1,6 +1,7 @@
 """Camera sampling for single-image training: batches of camera rays, random novel views
 (with progressive azimuth range and point lights around the camera), resolution
-milestones, and the 360° evaluation orbit. Pure functions; the datamodule holds the config."""
+milestones (the 360° evaluation orbit: :func:`it3d.core.cameras.orbit_views`). Pure functions; the
+datamodule holds the config."""
 from __future__ import annotations
 
 from typing import Dict, Sequence, Tuple
@@ -8,14 +9,15 @@ from typing import Dict, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core import cameras
 from ..core.config import ConfigError
 from ..core.typing import Float, Tensor
-from . import cameras
 
 
 def camera_batch(elevation: Float[Tensor, "B"], azimuth: Float[Tensor, "B"], distance: Float[Tensor, "B"],
                  fovy: Float[Tensor, "B"], height: int, width: int) -> Dict:
-    """Rays and camera keys (batch format of CONTRACTS.md) for cameras on the sphere looking at the origin."""
+    """Rays and camera keys for cameras on the sphere looking at the origin (the batch format: the README's
+    "Components by kind" section)."""
     c2w = cameras.spherical_c2w(elevation, azimuth, distance)
     rays_o, rays_d = cameras.get_rays(c2w, height, width, fovy)
     return {"rays_o": rays_o, "rays_d": rays_d, "c2w": c2w, "fovy": fovy.float(), "elevation": elevation.float(),
@@ -69,11 +71,3 @@ def resolution_at(step: int, milestones: Sequence[int], heights: Sequence[int], 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A generator whose stream depends only on (seed, step): sampling is reproducible across resumes."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2 ** 63 - 1))
-
-
-def orbit_views(n_views: int, elevation: float, distance: float, fovy: float, start_azimuth: float = 0.0):
-    """Angles of a 360° orbit whose first view is at ``start_azimuth`` (the reference view)."""
-    az = start_azimuth + torch.arange(n_views, dtype=torch.float32) * 360.0 / max(n_views, 1)
-    az = torch.remainder(az + 180.0, 360.0) - 180.0
-    full = lambda v: torch.full_like(az, float(v))  # noqa: E731
-    return full(elevation), az, full(distance), full(fovy)

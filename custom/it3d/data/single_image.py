@@ -14,7 +14,8 @@ Framing. The object's bounding box (mask > 0.5) is cropped, centred on a square 
 it spans ``1 - border_ratio`` of the side, and resized (premultiplied by alpha, antialiased) to
 each needed resolution; depth and normal maps get the identical crop / pad / resize.
 
-Training batches (``batch["ref"]``, ``batch["random"]``, ``batch["use_ref"]``): see CONTRACTS.md.
+Training batches (``batch["ref"]``, ``batch["random"]``, ``batch["use_ref"]``): see the README's
+"Components by kind" section.
 ``use_ref`` is drawn every step from a generator seeded with (seed, step) with probability
 ``ref_prob``; both ``ref`` and ``random`` are always present so a system may apply reference
 losses every step. Step-dependent settings (azimuth range, resolution) follow ``update_step``; the
@@ -32,53 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..core import registry
+from ..core import cameras, registry
 from ..core.base import Updateable
 from ..core.config import ConfigError, check, unbounded
 from ..core.errors import It3dError
-from ..core.typing import Float, Tensor
+from ..core.image import check_photo_size, find_sibling_map, object_warnings, read_image, recentre, resize
+from ..core.typing import Tensor
 from . import random_views as rv
 from .base import BaseDataModule
-from .images import check_photo_size, object_warnings, read_image  # noqa: F401  (read_image is re-exported)
-
-
-# ----------------------------------------------------------------------------- image helpers
-def find_sibling_map(image_path: str, kind: str) -> Optional[str]:
-    """``<stem>_<kind>.png|.npy`` beside the image, or (RealFusion15 layout) ``<kind>.png`` beside
-    ``rgba.png`` / ``image.png``; None when there is none."""
-    folder, base = os.path.split(image_path)
-    stem = os.path.splitext(base)[0]
-    # <stem>_<kind>.png written by preprocessing (a manifest beside it) is framed, not aligned with the photo
-    cached = os.path.isfile(os.path.join(folder, f"{stem}_preprocess.json"))
-    for cand in (os.path.join(folder, f"{stem}_{kind}.png"), os.path.join(folder, f"{stem}_{kind}.npy")):
-        if os.path.isfile(cand) and not cached:
-            return cand
-    if stem in ("rgba", "image") and os.path.isfile(os.path.join(folder, f"{kind}.png")):
-        return os.path.join(folder, f"{kind}.png")
-    return None
-
-
-def object_bbox(mask: Float[Tensor, "H W"], threshold: float = 0.5) -> Tuple[int, int, int, int]:
-    """(top, left, bottom, right) (exclusive) of the pixels above ``threshold``."""
-    ys, xs = torch.nonzero(mask > threshold, as_tuple=True)
-    if ys.numel() == 0:
-        raise It3dError("the foreground mask is empty: give an RGBA image with an alpha channel, or mask_path")
-    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
-
-
-def recentre(planes: Float[Tensor, "C H W"], mask: Float[Tensor, "H W"], border_ratio: float) -> Float[Tensor, "C S S"]:
-    """Crop to the object's bbox and centre it on a square zero canvas where it spans 1 - border_ratio."""
-    t, l, b, r = object_bbox(mask)
-    h, w = b - t, r - l
-    side = max(int(round(max(h, w) / (1.0 - border_ratio))), max(h, w))
-    canvas = planes.new_zeros(planes.shape[0], side, side)
-    y0, x0 = (side - h) // 2, (side - w) // 2
-    canvas[:, y0:y0 + h, x0:x0 + w] = planes[:, t:b, l:r]
-    return canvas
-
-
-def resize(planes: Float[Tensor, "C H W"], height: int, width: int) -> Float[Tensor, "C h w"]:
-    return F.interpolate(planes[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 @registry.register("single-image", kind="datamodule")
@@ -327,7 +289,7 @@ class SingleImageDataModule(BaseDataModule, Updateable):
 
     def eval_view(self, index: int, n_views: int) -> Dict:
         c = self.cfg
-        e, a, d, f = rv.orbit_views(n_views, c.ref_elevation, c.ref_distance, c.ref_fovy, c.ref_azimuth)
+        e, a, d, f = cameras.orbit_views(n_views, c.ref_elevation, c.ref_distance, c.ref_fovy, c.ref_azimuth)
         s = slice(index, index + 1)
         out = rv.camera_batch(e[s], a[s], d[s], f[s], c.eval_height, c.eval_width)
         out["light_positions"] = out["c2w"][:, :3, 3].clone()

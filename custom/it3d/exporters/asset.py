@@ -86,14 +86,6 @@ class MeshAssetExporter(BaseExporter):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
-    def isosurface_kwargs(self) -> Dict[str, Any]:
-        kw = {}
-        if self.cfg.isosurface_resolution is not None:
-            kw["resolution"] = self.cfg.isosurface_resolution
-        if self.cfg.isosurface_threshold is not None:
-            kw["threshold"] = self.cfg.isosurface_threshold
-        return kw
-
     @staticmethod
     def stage_render(system: Any):
         white = torch.ones(3, device=system.device)

@@ -1,7 +1,7 @@
 """The asset frame every export is written in (glTF 2.0 conventions), and its inverse.
 
 it3d's world frame is z-up with the reference camera at (elevation e0, azimuth a0) looking at the
-origin (``it3d.data.cameras``). Exported assets use glTF's frame instead:
+origin (``it3d.core.cameras``). Exported assets use glTF's frame instead:
 
 * **+Y up**: world +z becomes +Y;
 * **front = +Z**: the object's front, the side the reference photo shows (the reference camera's

@@ -21,6 +21,7 @@ import torch
 
 from ..core import registry
 from ..core.errors import It3dError
+from ..core.surface import isosurface_mesh
 from ..core.typing import Float, Int, Tensor
 from .asset import MeshAssetExporter
 from .texture import fill_gutter, uv_texels
@@ -66,10 +67,10 @@ class MeshExporter(MeshAssetExporter):
             raise It3dError(f"export.bake_source must be 'renders' or 'field', got '{self.cfg.bake_source}'")
 
     def surface(self, system: Any):
-        v, f = system.geometry.isosurface(**self.isosurface_kwargs())
+        v, f = isosurface_mesh(system.geometry, self.cfg.isosurface_resolution, self.cfg.isosurface_threshold)
         if f.shape[0] == 0:
             raise It3dError("export: the isosurface is empty; nothing to write")
-        return v.detach().cpu().float(), f.detach().cpu().long()
+        return v, f
 
     @torch.no_grad()
     def bake(self, system, vertices, faces, uv, uv_faces, vmap, reference):

@@ -22,8 +22,9 @@ from ..core import io
 from ..core.base import BaseExporter
 from ..core.errors import It3dError
 from ..core.registry import register
+from ..core.surface import fill_nearest
 from .conventions import asset_frame
-from .projection import blend_colors, fill_unseen
+from .projection import blend_colors
 from .views import bake_views
 
 
@@ -60,7 +61,9 @@ class RefinedPointCloudExporter(BaseExporter):
             depths.append(torch.where(out["opacity"][0, ..., 0] > 0.5, d, torch.full_like(d, float("inf"))))
         pts = geo.positions.float()
         cols, seen = blend_colors(pts, None, views, images, depths, self.cfg.depth_tol, 1.0, "average", 1.0)
-        return fill_unseen(pts, cols, seen)
+        if not bool(seen.any()):
+            raise It3dError("texture baking: no view sees the mesh (check the export cameras and the coarse mesh)")
+        return fill_nearest(pts, cols, seen)
 
     def export(self, system: Any, path: str) -> Dict[str, str]:
         """Write the refine system's point cloud with colours to ``path`` (.ply)."""

@@ -18,9 +18,9 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core import cameras
 from ..core.errors import It3dError
 from ..core.typing import Bool, Float, Int, Tensor
-from ..data import cameras
 from ..renderers.mesh_rasterizer import rasterize_mesh
 from .views import BakeView
 
@@ -69,21 +69,6 @@ def blend_colors(points: Float[Tensor, "N 3"], normals: Optional[Float[Tensor, "
     seen = wsum > 0
     colors = acc if blend == "best" else acc / wsum.clamp_min(1e-12)[:, None]
     return colors.clamp(0, 1), seen
-
-
-def fill_unseen(points: Float[Tensor, "N 3"], colors: Float[Tensor, "N 3"], seen: Bool[Tensor, "N"]) -> Tensor:
-    """Unseen points copy the colour of the nearest seen point (3D)."""
-    if bool(seen.all()):
-        return colors
-    if not bool(seen.any()):
-        raise It3dError("texture baking: no view sees the mesh (check the export cameras and the coarse mesh)")
-    from scipy.spatial import cKDTree
-
-    tree = cKDTree(points[seen].cpu().numpy())
-    _, nn = tree.query(points[~seen].cpu().numpy())
-    out = colors.clone()
-    out[~seen] = colors[seen][torch.as_tensor(nn, device=colors.device)]
-    return out
 
 
 @torch.no_grad()

@@ -19,27 +19,10 @@ import torch
 
 from ..core.errors import It3dError
 from ..core.registry import register
+from ..core.surface import isosurface_mesh
 from ..core.typing import Tensor
 from .asset import MeshAssetExporter
 from .texture import fill_gutter, pull_push_fill, uv_texels
-
-
-def mesh_arrays(mesh: Any) -> Tuple[Tensor, Tensor]:
-    """(vertices V 3 float, faces F 3 long) from what ``geometry.isosurface()`` returns: an object
-    with ``v_pos``/``t_pos_idx`` or ``vertices``/``faces``, a dict with those keys, or a tuple."""
-    if isinstance(mesh, (tuple, list)) and len(mesh) == 2:
-        v, f = mesh
-    else:
-        get = (lambda k: mesh.get(k)) if isinstance(mesh, dict) else (lambda k: getattr(mesh, k, None))
-        v = next((get(k) for k in ("v_pos", "vertices", "verts") if get(k) is not None), None)
-        f = next((get(k) for k in ("t_pos_idx", "faces") if get(k) is not None), None)
-        if v is None or f is None:
-            raise It3dError(f"refined-mesh: cannot read vertices/faces from the coarse isosurface ({type(mesh).__name__})")
-    v = torch.as_tensor(np.asarray(v.detach().cpu() if torch.is_tensor(v) else v), dtype=torch.float32)
-    f = torch.as_tensor(np.asarray(f.detach().cpu() if torch.is_tensor(f) else f), dtype=torch.long)
-    if f.numel() == 0:
-        raise It3dError("refined-mesh: the coarse isosurface is empty (is the coarse stage trained?)")
-    return v, f
 
 
 @register("refined-mesh", kind="exporter")
@@ -53,12 +36,15 @@ class RefinedMeshExporter(MeshAssetExporter):
     def reference(self, system: Any) -> Dict[str, Any]:
         return system.reference()
 
-    def surface(self, system: Any):
+    def surface(self, system: Any) -> Tuple[Tensor, Tensor]:
         coarse = system.coarse
         if coarse is None:
             raise It3dError("refined-mesh: no coarse stage configured (system.coarse_stage_dir): the refined mesh "
                             "is the coarse mesh re-textured; set system.mesh_exporter_type=none to skip it")
-        return mesh_arrays(coarse.geometry.isosurface(**self.isosurface_kwargs()))
+        v, f = isosurface_mesh(coarse.geometry, self.cfg.isosurface_resolution, self.cfg.isosurface_threshold)
+        if f.numel() == 0:
+            raise It3dError("refined-mesh: the coarse isosurface is empty (is the coarse stage trained?)")
+        return v, f
 
     @torch.no_grad()
     def bake(self, system, vertices, faces, uv, uv_faces, vmap, reference):

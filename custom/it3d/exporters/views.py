@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence
 
+from ..core import cameras
 from ..core.typing import Tensor
-from ..data import cameras
 
 
 @dataclass

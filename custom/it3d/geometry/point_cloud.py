@@ -70,9 +70,6 @@ class PointCloudGeometry(BaseGeometry):
         rest = torch.randn(n, self.cfg.descriptor_dim - 3, generator=gen) * self.cfg.init_std
         self.descriptors.data = torch.cat([self.init_colors, rest.to(device)], -1)
 
-    def points_dict(self) -> Dict[str, Tensor]:
-        return {"positions": self.positions, "colors": self.colors().detach(), "is_ref": self.is_ref}
-
     def colors(self) -> Float[Tensor, "N 3"]:
         """Learned colour: the descriptor's first three channels, clamped to [0, 1]."""
         return self.descriptors[:, :3].clamp(0, 1)

@@ -30,7 +30,7 @@ from ..core.config import C
 from ..core.errors import It3dError
 from ..core.registry import register
 from ..core.typing import Float, Tensor
-from ..data.cameras import angle_from_view, relative_camera
+from ..core.cameras import angle_from_view, relative_camera
 from .clip_image import clip_image_embeds
 from .sds import SDSConfig, SDSGuidance
 

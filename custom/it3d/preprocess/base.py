@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..core.base import BaseEstimator
-from ..core.typing import Float, Tensor
 
 
 class HubEstimator(BaseEstimator):
@@ -46,8 +44,3 @@ class HubEstimator(BaseEstimator):
 
     def load(self):
         raise NotImplementedError
-
-
-def to_uint8_image(image: Float[Tensor, "1 H W 3"]) -> np.ndarray:
-    """1 H W 3 float in [0, 1] -> H W 3 uint8 (the input the transformers processors expect)."""
-    return (image[0].detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)

@@ -21,7 +21,8 @@ from ..core import hub
 from ..core.config import ConfigError
 from ..core.registry import register
 from ..core.typing import Float, Tensor
-from .base import HubEstimator, to_uint8_image
+from ..core.image import to_uint8_image
+from .base import HubEstimator
 
 
 def normalise_depth(pred: Float[Tensor, "1 H W 1"], mask: Optional[Float[Tensor, "1 H W 1"]],

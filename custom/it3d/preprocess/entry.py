@@ -27,8 +27,7 @@ import torch
 from ..core import io
 from ..core.base import build
 from ..core.errors import It3dError
-from ..data.images import object_warnings, read_photo
-from ..data.single_image import read_image
+from ..core.image import find_sibling_map, object_warnings, read_image, read_photo
 from ..core import progress
 from . import maps
 from .config import PreprocessConfig, parse_preprocess_config
@@ -306,8 +305,6 @@ def preprocess_config_from_data(data_cfg: Any) -> Dict[str, Any]:
         pre["caption"] = data.get("prompt") or data.get("caption")
     image = data.get("image_path")
     if isinstance(image, str) and image != "???":
-        from ..data.single_image import find_sibling_map
-
         for kind in ("depth", "normal"):  # maps shipped beside the photo win over estimators
             sibling = find_sibling_map(image, kind)
             if not pre.get(f"{kind}_path") and sibling and sibling.endswith(".png"):

@@ -3,7 +3,7 @@
 Files written by preprocessing (``<stem>`` = the photo's name without extension):
 
 * ``<stem>_rgba.png``: 8-bit RGBA, ``size`` x ``size``, the object recentred so it spans
-  ``1 - border_ratio`` of the side (the framing of ``data.single_image.recentre``, which this
+  ``1 - border_ratio`` of the side (the framing of ``core.image.recentre``, which this
   module reuses), straight (not premultiplied) colour;
 * ``<stem>_depth.png``: 16-bit grey, **disparity convention** like RealFusion15 / DPT files and
   ``data.depth_convention: disparity``: ``1 - depth`` over the foreground (near = bright), 0 outside;
@@ -21,13 +21,12 @@ from PIL import Image
 from ..core import io
 from ..core.errors import It3dError
 from ..core.typing import Float, Tensor
-from ..data.images import read_photo
-from ..data.single_image import read_image, recentre, resize
+from ..core.image import read_image, read_photo, recentre, resize
 
 
 def load_photo(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """H W 3 uint8 and, when the file has a non-trivial alpha channel, H W float alpha in [0, 1]
-    (any picture format, EXIF orientation applied: ``it3d.data.images.read_photo``)."""
+    (any picture format, EXIF orientation applied: ``it3d.core.image.read_photo``)."""
     return read_photo(path)
 
 
@@ -68,7 +67,7 @@ def working_size(alpha: np.ndarray, full_hw: Tuple[int, int], size: int, border_
 
 def frame(planes: Float[Tensor, "C H W"], alpha: Float[Tensor, "H W"], size: int, border_ratio: float,
           recentre_object: bool = True) -> Float[Tensor, "C+1 S S"]:
-    """Premultiplied planes + alpha -> recentred square (``data.single_image.recentre``) at ``size``."""
+    """Premultiplied planes + alpha -> recentred square (``core.image.recentre``) at ``size``."""
     stacked = torch.cat([planes * alpha[None], alpha[None]], 0)
     if recentre_object:
         stacked = recentre(stacked, alpha, border_ratio)

@@ -25,7 +25,7 @@ from ..core.errors import It3dError
 from ..core.registry import register
 from ..core.typing import Bool, Float, Tensor
 from .base import HubEstimator
-from .sam import DEFAULT_SAM, SamSegmenter
+from ..core.segment import DEFAULT_SAM, SamSegmenter
 
 BLANK_TOLERANCE = 16  # levels (of 255) within which a pixel counts as the photo's dominant colour
 BLANK_FRACTION = 0.0005  # a photo with fewer other pixels than this is blank (a tiny object is far above)

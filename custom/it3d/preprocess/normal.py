@@ -5,7 +5,7 @@ so normals are derived from monocular depth: the depth-like map ``d`` in [0, 1] 
 farther, from the ``depth`` estimator or passed in) is placed at camera distance
 ``z = 1 + relief * 2 tan(fovy / 2) * d`` (``relief``: the foreground's depth range as a fraction
 of the image height seen at unit distance), unprojected through the reference camera
-(``fovy_deg``, pixel centres as in ``data.cameras``) and differentiated: ``n = normalize(dP/dcol x
+(``fovy_deg``, pixel centres as in ``core.cameras``) and differentiated: ``n = normalize(dP/dcol x
 dP/drow_up)``. Differences are central inside the mask and one-sided at its edge, so the
 silhouette does not tilt the normals towards the background (pixels with no foreground neighbour
 along an axis face the camera). Output: OpenGL camera space
@@ -24,7 +24,7 @@ from ..core.base import BaseEstimator, build
 from ..core.config import component
 from ..core.registry import register
 from ..core.typing import Bool, Float, Tensor
-from ..data.cameras import ray_directions
+from ..core.cameras import ray_directions
 
 
 def _diff(p: Float[Tensor, "H W 3"], fg: Bool[Tensor, "H W"], dim: int) -> Float[Tensor, "H W 3"]:

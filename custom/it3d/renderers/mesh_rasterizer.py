@@ -3,7 +3,7 @@
 Triangles are rasterized in pixel space: each face's bounding box is enumerated (faces are
 sorted by bbox size and processed in chunks of bounded work), pixel centres are tested with
 barycentric edge functions, and a z-buffer (``scatter_reduce`` amin) keeps the nearest face.
-Pixel (row i, col j) has its centre at (j + 0.5, i + 0.5), as in ``it3d.data.cameras``.
+Pixel (row i, col j) has its centre at (j + 0.5, i + 0.5), as in ``it3d.core.cameras``.
 
 * :func:`rasterize_2d` — triangles given as 2-D pixel coordinates (+ optional per-vertex depth
   for perspective-correct barycentrics); used for UV-space texture baking.
@@ -19,8 +19,8 @@ from typing import Dict, Optional
 
 import torch
 
+from ..core import cameras
 from ..core.typing import Float, Int, Tensor
-from ..data import cameras
 
 
 def _cross2(ax, ay, bx, by):

@@ -31,7 +31,7 @@ import torch
 
 from ..core.errors import It3dError
 from ..core.typing import Float, Int, Tensor
-from ..data.cameras import project
+from ..core.cameras import project
 from .sample_buffers import CompactionBuffers
 
 _DEPTH_BITS = 31

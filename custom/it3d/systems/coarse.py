@@ -43,11 +43,11 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..core import cameras
 from ..core import io, registry
 from ..core.base import Updateable, build
 from ..core.config import ConfigError, component, terms
 from ..core.typing import Float, Tensor
-from ..data import cameras
 from ..data.dreambooth_data import NORMAL_BACKGROUND, normal_image
 from ..losses import weighted_terms
 from ..materials.diffuse_light import NEEDS_NORMAL

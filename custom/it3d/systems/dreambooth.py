@@ -265,7 +265,7 @@ class DreamBoothSystem(BaseSystem):
                  "seconds": round(time.perf_counter() - t0, 3)}))
         elif reused:
             log.info(f"dreambooth: {reused} class images for '{self.class_prompt}' reused from {shared or folder}")
-        from ..data.single_image import read_image
+        from ..core.image import read_image
 
         paths = [os.path.join(folder, n) for n in names]
         return torch.from_numpy(np.stack([read_image(p)[..., :3] for p in paths])) if paths else None

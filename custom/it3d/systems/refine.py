@@ -264,7 +264,7 @@ class RefineSystem(BaseSystem):
     # ------------------------------------------------------------------ validation / test
     @torch.no_grad()
     def reference_psnr(self) -> float:
-        from ..eval.metrics import psnr
+        from ..core.metrics import psnr
 
         ref = self.reference()
         out = self.render_batch(ref)

@@ -87,7 +87,21 @@ def model_dir(name: str, size: str = "tiny", root: str = "", rebuild: bool = Fal
     return out
 
 
+def _tiny_dir(name) -> str:
+    """``${tiny:sd}``: folder of a tiny offline test model (built on first use); for configs/tiny only."""
+    return tiny_model_dir(str(name))
+
+
 def realfusion15_dir() -> str:
     """The RealFusion15 inputs: ``$IT3D_REALFUSION15``, else ``../shared/data/realfusion15`` beside the repo."""
     return os.environ.get("IT3D_REALFUSION15",
                           os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "realfusion15"))
+
+
+def _register_tiny_resolver() -> None:
+    from ..core.resolvers import register_resolver
+
+    register_resolver("tiny", _tiny_dir)
+
+
+_register_tiny_resolver()  # ``${tiny:sd}`` in configs/tiny: the ``it3d`` package imports this module

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core import cameras
 from ..core import io
 from ..core.typing import Float, Tensor
-from ..data import cameras
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Reading input pictures: every format Pillow reads, with one-line errors.
+"""Input pictures: reading them (every format Pillow reads, with one-line errors) and framing them.
 
 * EXIF orientation is applied (a phone's portrait JPEG comes out upright);
 * grayscale, palette (with or without transparency), CMYK / YCbCr / LAB JPEGs, 16-bit PNGs, WebP,
@@ -8,6 +8,10 @@
 
 :func:`object_warnings` logs the framing warnings about a foreground mask (a tiny object, an
 object cut by the photo's edge); an empty mask is an error.
+
+Framing (shared by preprocessing and the datamodules): :func:`object_bbox`, :func:`recentre` (crop to the
+object and centre it on a square canvas), :func:`resize` (antialiased bilinear) and
+:func:`find_sibling_map` (a depth / normal map stored beside a photo).
 """
 from __future__ import annotations
 
@@ -16,8 +20,11 @@ import os
 from typing import Optional, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from ..core.errors import It3dError
+from .errors import It3dError
+from .typing import Float, Tensor
 
 log = logging.getLogger("it3d")
 MIN_SIDE = 16  # a photo smaller than this cannot hold an object worth reconstructing
@@ -112,3 +119,46 @@ def object_warnings(mask: np.ndarray, path: str, threshold: float = 0.5) -> None
         log.warning(f"the object in {path} touches the {' and '.join(edges)} edge{'s' if len(edges) > 1 else ''} "
                     f"of the photo: a part of it may be cut off (a photo with a margin around the object works "
                     f"better)")
+
+
+def to_uint8_image(image: Float[Tensor, "1 H W 3"]) -> np.ndarray:
+    """1 H W 3 float in [0, 1] -> H W 3 uint8 (the input the transformers processors expect)."""
+    return (image[0].detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def find_sibling_map(image_path: str, kind: str) -> Optional[str]:
+    """``<stem>_<kind>.png|.npy`` beside the image, or (RealFusion15 layout) ``<kind>.png`` beside
+    ``rgba.png`` / ``image.png``; None when there is none."""
+    folder, base = os.path.split(image_path)
+    stem = os.path.splitext(base)[0]
+    # <stem>_<kind>.png written by preprocessing (a manifest beside it) is framed, not aligned with the photo
+    cached = os.path.isfile(os.path.join(folder, f"{stem}_preprocess.json"))
+    for cand in (os.path.join(folder, f"{stem}_{kind}.png"), os.path.join(folder, f"{stem}_{kind}.npy")):
+        if os.path.isfile(cand) and not cached:
+            return cand
+    if stem in ("rgba", "image") and os.path.isfile(os.path.join(folder, f"{kind}.png")):
+        return os.path.join(folder, f"{kind}.png")
+    return None
+
+
+def object_bbox(mask: Float[Tensor, "H W"], threshold: float = 0.5) -> Tuple[int, int, int, int]:
+    """(top, left, bottom, right) (exclusive) of the pixels above ``threshold``."""
+    ys, xs = torch.nonzero(mask > threshold, as_tuple=True)
+    if ys.numel() == 0:
+        raise It3dError("the foreground mask is empty: give an RGBA image with an alpha channel, or mask_path")
+    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+
+
+def recentre(planes: Float[Tensor, "C H W"], mask: Float[Tensor, "H W"], border_ratio: float) -> Float[Tensor, "C S S"]:
+    """Crop to the object's bbox and centre it on a square zero canvas where it spans 1 - border_ratio."""
+    t, l, b, r = object_bbox(mask)
+    h, w = b - t, r - l
+    side = max(int(round(max(h, w) / (1.0 - border_ratio))), max(h, w))
+    canvas = planes.new_zeros(planes.shape[0], side, side)
+    y0, x0 = (side - h) // 2, (side - w) // 2
+    canvas[:, y0:y0 + h, x0:x0 + w] = planes[:, t:b, l:r]
+    return canvas
+
+
+def resize(planes: Float[Tensor, "C H W"], height: int, width: int) -> Float[Tensor, "C h w"]:
+    return F.interpolate(planes[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]

@@ -128,12 +128,6 @@ def unproject(depth: Tensor, c2w: Tensor, fovy_deg: Number) -> Tensor:
     return cam @ c2w[:3, :3].T + c2w[:3, 3]
 
 
-def intrinsics(fovy_deg: Number, height: int, width: int) -> Tensor:
-    """3x3 pinhole matrix in OpenCV pixel convention (for interop)."""
-    f = float(focal_from_fovy(fovy_deg, height))
-    return torch.tensor([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]])
-
-
 def relative_camera(elev_ref: Tensor, azim_ref: Tensor, dist_ref: Tensor,
                     elev: Tensor, azim: Tensor, dist: Tensor) -> Tensor:
     """Zero-1-to-3 relative camera ``[d_polar, sin d_azimuth, cos d_azimuth, d_radius]`` (radians),
@@ -153,7 +147,11 @@ def angle_from_view(elev: Tensor, azim: Tensor, elev_ref: Number = 0.0, azim_ref
     return torch.rad2deg(torch.arccos((a * b).sum(-1).clamp(-1, 1)))
 
 
-def orbit(n_views: int, elevation_deg: float = 0.0, distance: float = 1.0, start_azimuth: float = 0.0) -> Tuple[Tensor, Tensor]:
-    """360° orbit of ``n_views`` cameras whose first is at ``start_azimuth`` -> (c2w (N,4,4), azimuths (N,))."""
-    az = start_azimuth + torch.arange(n_views, dtype=torch.float32) * 360.0 / n_views
-    return spherical_c2w(torch.full_like(az, elevation_deg), az, torch.full_like(az, distance)), az
+def orbit_views(n_views: int, elevation: float, distance: float, fovy: float,
+                start_azimuth: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A 360° orbit of ``n_views`` cameras whose first is at ``start_azimuth`` (the reference view) ->
+    (elevations, azimuths wrapped to [-180, 180), distances, fovys), each (N,) in degrees / scene units."""
+    az = start_azimuth + torch.arange(n_views, dtype=torch.float32) * 360.0 / max(n_views, 1)
+    az = torch.remainder(az + 180.0, 360.0) - 180.0
+    full = lambda v: torch.full_like(az, float(v))  # noqa: E731
+    return full(elevation), az, full(distance), full(fovy)

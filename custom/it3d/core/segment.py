@@ -1,4 +1,5 @@
-"""Segment Anything through transformers (``SamModel`` + ``SamProcessor``).
+"""Segment Anything through transformers (``SamModel`` + ``SamProcessor``): shared by the ``sam`` mask
+estimator (preprocessing) and the refine builder's SAM mask union, so neither reaches into the other.
 
 transformers' ``SamModel`` loads the same weights as the original ``segment_anything``
 checkpoints (the ``facebook/sam-vit-{base,large,huge}`` hub repos are conversions of them)
@@ -16,10 +17,10 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from ..core import hub
-from ..core.errors import It3dError
-from ..core.typing import Bool, Float, Int, Tensor
-from .base import to_uint8_image
+from . import hub
+from .errors import It3dError
+from .image import to_uint8_image
+from .typing import Bool, Float, Int, Tensor
 
 DEFAULT_SAM = "facebook/sam-vit-base"
 
