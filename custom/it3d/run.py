@@ -383,20 +383,31 @@ def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, c
     dm, system = build_components(cfg, parsed, trial_dir, resumed=resume is not None, **system_kwargs)
     trainer = build_trainer(parsed, trial_dir, dev, callbacks, precision=mixed_precision(system, parsed, dev))
     log.info(f"trial dir: {trial_dir}")
-    if mode == "train":
-        trainer.fit(system, datamodule=dm, ckpt_path=resume)
-        for after in parsed.after_train:
-            log.info(f"after training: --{after}")
-            if after == "test":
-                trainer.test(system, datamodule=dm)
-            else:
-                trainer.predict(system, datamodule=dm, return_predictions=False)
-    elif mode == "validate":
-        trainer.validate(system, datamodule=dm, ckpt_path=resume)
-    elif mode == "test":
-        trainer.test(system, datamodule=dm, ckpt_path=resume)
-    elif mode == "export":
-        trainer.predict(system, datamodule=dm, ckpt_path=resume, return_predictions=False)
+    phase = mode
+    try:
+        if mode == "train":
+            trainer.fit(system, datamodule=dm, ckpt_path=resume)
+            for after in parsed.after_train:
+                log.info(f"after training: --{after}")
+                phase = after
+                if after == "test":
+                    trainer.test(system, datamodule=dm)
+                else:
+                    trainer.predict(system, datamodule=dm, return_predictions=False)
+        elif mode == "validate":
+            trainer.validate(system, datamodule=dm, ckpt_path=resume)
+        elif mode == "test":
+            trainer.test(system, datamodule=dm, ckpt_path=resume)
+        elif mode == "export":
+            trainer.predict(system, datamodule=dm, ckpt_path=resume, return_predictions=False)
+    except Exception as e:  # out of memory: one line naming the stage and the settings to lower
+        from .runner.oom import is_oom, oom_message
+
+        if not is_oom(e):
+            raise
+        # a staged run's stage dir is named after the stage; a single-stage run is named by its system
+        stage = os.path.basename(os.path.normpath(trial_dir)) if cfg.get("stage_dirs") else parsed.system_type
+        raise It3dError(oom_message(stage, parsed.system_type, cfg, e, parsed.precision, phase)) from None
     return trial_dir
 
 

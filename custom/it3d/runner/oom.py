@@ -34,6 +34,7 @@ ADVICE = {
         ("system.train_text_encoder", "false: fine-tune the UNet only"),
     ],
 }
+PHASES = {"train": "training", "test": "rendering the test views", "export": "exporting", "validate": "validating"}
 
 
 def memory_keys(cfg: Optional[DictConfig], system_type: str) -> List[Tuple[str, Any, str]]:
@@ -54,7 +55,8 @@ def oom_message(stage: str, system_type: str, cfg: Optional[DictConfig], exc: Ba
     hints = [f"{k}={_fmt(v)} ({what})" if v is not None else f"{k} ({what})" for k, v, what in keys]
     if precision in ("fp32", "float32") and system_type in ADVICE:  # auto is fp16 on CUDA already
         hints.append("precision=fp16 (or bf16) for the frozen models")
-    lead = f"stage '{stage}' ran out of GPU memory while {phase}ing" if phase else f"stage '{stage}' ran out of GPU memory"
+    doing = PHASES.get(phase, phase)
+    lead = f"stage '{stage}' ran out of GPU memory while {doing}" if doing else f"stage '{stage}' ran out of GPU memory"
     advice = "; lower one of: " + ", ".join(hints) if hints else ""
     return (f"{lead}{advice}; rerun the same command to resume from the last checkpoint "
             f"(the GPU said: {detail[:200]})")
