@@ -17,6 +17,7 @@ from .core import io
 from .core.config import (ConfigError, ExperimentConfig, check_precision, load_config, parse_structured,
                           validate_experiment)
 from .core.errors import It3dError
+from .core.layout import StageDir
 
 log = logging.getLogger("it3d")
 CUSTOM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +191,7 @@ def resume_checkpoint(resume: str) -> str:
     from .core.checkpoint import newest_readable, require_readable
 
     if os.path.isdir(resume):
-        ckpt = newest_readable(os.path.join(resume, "ckpts"))
+        ckpt = newest_readable(StageDir(resume).ckpts)
         if ckpt is None:
             raise ConfigError(f"resume: {resume} holds no checkpoint (ckpts/*.ckpt)")
         return ckpt
@@ -298,7 +299,7 @@ def config_error_message(e: OmegaConfBaseException) -> str:
 def write_configs(cfg: DictConfig, trial_dir: str) -> None:
     os.makedirs(os.path.join(trial_dir, "configs"), exist_ok=True)
     io.write_text(os.path.join(trial_dir, "configs", "raw.yaml"), OmegaConf.to_yaml(cfg, resolve=False))
-    io.write_text(os.path.join(trial_dir, "configs", "parsed.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+    io.write_text(StageDir(trial_dir).parsed_config, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def mixed_precision(system: Any, parsed: ExperimentConfig, dev: dict) -> Optional[str]:
@@ -353,7 +354,7 @@ def checkpoint_callback(parsed: ExperimentConfig, trial_dir: str):
 
     ckpt_kwargs = {"save_last": True, "every_n_train_steps": None, "monitor": "step", "mode": "max", "save_top_k": 2}
     ckpt_kwargs.update(dict(parsed.checkpoint or {}))
-    return ModelCheckpoint(dirpath=os.path.join(trial_dir, "ckpts"), **ckpt_kwargs)
+    return ModelCheckpoint(dirpath=StageDir(trial_dir).ckpts, **ckpt_kwargs)
 
 
 def build_components(cfg: DictConfig, parsed: ExperimentConfig, trial_dir: str, resumed: bool, **system_kwargs):
@@ -419,7 +420,7 @@ def _checkpoint_for(parsed: ExperimentConfig, mode: str, trial_dir: str) -> Opti
     if parsed.resume is not None:
         return parsed.resume
     if mode in ("validate", "test", "export"):
-        return newest_readable(os.path.join(trial_dir, "ckpts"))
+        return newest_readable(StageDir(trial_dir).ckpts)
     return None
 
 

@@ -21,6 +21,7 @@ import zipfile
 from typing import Dict, List, Optional
 
 from ..core import progress
+from ..core.layout import StageDir
 from ..eval import outputs
 from ..eval.runner import STEPS, is_done
 
@@ -37,7 +38,7 @@ def _read(path: str) -> Dict:
 
 def stages(trial: str) -> List[Dict]:
     names: List[str] = []
-    parsed = os.path.join(trial, "configs", "parsed.yaml")
+    parsed = StageDir(trial).parsed_config
     if os.path.isfile(parsed):
         from omegaconf import OmegaConf
 
@@ -45,7 +46,7 @@ def stages(trial: str) -> List[Dict]:
     out = []
     for n in names:
         sdir = os.path.join(trial, n)
-        stats = _read(os.path.join(sdir, "stats.json"))
+        stats = _read(StageDir(sdir).stats)
         out.append({"name": n, "dir": sdir, "done": bool(stats), "wall_s": stats.get("wall_s"),
                     "progress": progress.read(sdir)})
     return out

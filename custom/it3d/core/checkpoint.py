@@ -23,9 +23,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import ConfigError, It3dError
 from .io import atomic_path
+from .layout import LAST_CKPT
 
 log = logging.getLogger("it3d")
-LAST = "last.ckpt"
+LAST = LAST_CKPT
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

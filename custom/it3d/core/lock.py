@@ -19,9 +19,10 @@ import sys
 from typing import List, Optional
 
 from .errors import It3dError
+from .layout import LOCK
 
 log = logging.getLogger("it3d")
-LOCK_NAME = "run.lock"
+LOCK_NAME = LOCK
 
 try:  # POSIX
     import fcntl

@@ -27,7 +27,9 @@ import sys
 import time
 from typing import Any, Dict, Iterable, Iterator, Optional
 
-FILE = os.path.join("logs", "progress.json")
+from .layout import PROGRESS
+
+FILE = PROGRESS
 MIN_INTERVAL = 0.5  # seconds between two writes of the same phase
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..core.errors import It3dError
+from ..core.layout import StageDir
 
 log = logging.getLogger("it3d.eval")
 EXPORT_EXTS = (".obj", ".glb", ".ply", ".mtl", ".png")
@@ -64,7 +65,7 @@ def preprocess_dir(run_dir: str) -> str:
 
 def stage_dirs(trial_dir: str) -> List[str]:
     """Stage dirs of a run in pipeline order (see the module docstring)."""
-    parsed = os.path.join(trial_dir, "configs", "parsed.yaml")
+    parsed = StageDir(trial_dir).parsed_config
     if os.path.isfile(parsed):
         from omegaconf import OmegaConf
 
@@ -79,7 +80,7 @@ def stage_dirs(trial_dir: str) -> List[str]:
             if os.path.isdir(os.path.join(d, "save")) or os.path.isdir(os.path.join(d, "configs"))]
 
     def written(d: str) -> float:
-        p = os.path.join(d, "configs", "parsed.yaml")
+        p = StageDir(d).parsed_config
         return os.path.getmtime(p) if os.path.exists(p) else os.path.getmtime(d)
 
     if subs:
@@ -98,7 +99,7 @@ def frames(stage_dir: str, kind: str = "rgb") -> List[str]:
 
 
 def turntable(stage_dir: str) -> Optional[str]:
-    p = os.path.join(stage_dir, "save", "test", "turntable.mp4")
+    p = StageDir(stage_dir).turntable
     return p if os.path.isfile(p) else None
 
 
@@ -135,7 +136,7 @@ def _from_rgba(rgba: torch.Tensor):
 
 def reference_from_datamodule(stage_dir: str, size: Tuple[int, int]):
     """The stage's datamodule (from its parsed.yaml) -> its reference view at ``size``; None when unavailable."""
-    p = os.path.join(stage_dir, "configs", "parsed.yaml")
+    p = StageDir(stage_dir).parsed_config
     if not os.path.isfile(p):
         return None
     from omegaconf import OmegaConf
@@ -172,7 +173,7 @@ def stage_stats(trial_dir: str) -> Dict[str, Dict[str, Dict[str, float]]]:
     """``{stage: {mode: {wall_s, peak_gpu_mem_bytes, peak_rss_bytes}}}`` from each stage's stats.json."""
     out = {}
     for d in stage_dirs(trial_dir):
-        p = os.path.join(d, "stats.json")
+        p = StageDir(d).stats
         if os.path.isfile(p):
             try:
                 with open(p) as f:

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from ..core import io
 from ..core.config import split_term
+from ..core.layout import StageDir
 from .preflight import ModelRef
 
 STATUS = {"local": "local folder", "model-root": "$IT3D_MODEL_ROOT", "cache": "HF cache", "hub": "will download",
@@ -82,7 +83,7 @@ def format_plan(trial_dir: str, precision: str, plans: List[Dict[str, Any]]) -> 
 
 def write_dry_run(root_cfg: Any, stages: List[tuple], trial_dir: str, text: str) -> str:
     """``<trial>/dry-run/plan.txt``, ``root.yaml`` and ``<stage>.yaml`` (fully resolved); returns the folder."""
-    out = os.path.join(trial_dir, "dry-run")
+    out = StageDir(trial_dir).dry_run
     os.makedirs(out, exist_ok=True)
     io.write_text(os.path.join(out, "plan.txt"), text + "\n")
     io.write_text(os.path.join(out, "root.yaml"), OmegaConf.to_yaml(root_cfg, resolve=True))

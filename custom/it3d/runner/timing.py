@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 
 from ..core import io
+from ..core.layout import StageDir
 
 SYNC_ENV = "IT3D_SYNC_TIMING"
 WARMUP = 2
@@ -30,7 +31,7 @@ def _sync(module: pl.LightningModule) -> None:
 
 class StepTimer(pl.Callback):
     def __init__(self, trial_dir: str) -> None:
-        self.path = os.path.join(trial_dir, "logs", "step_times.json")
+        self.path = StageDir(trial_dir).step_times
         self.times: List[float] = []
         self._t0 = 0.0
 

@@ -47,6 +47,7 @@ from ..core import cameras
 from ..core import io, registry
 from ..core.base import Updateable, build
 from ..core.config import ConfigError, component, terms
+from ..core.layout import TURNTABLE
 from ..core.typing import Float, Tensor
 from ..data.dreambooth_data import NORMAL_BACKGROUND, normal_image
 from ..losses import weighted_terms
@@ -287,7 +288,7 @@ class CoarseSystem(BaseSystem):
     def on_test_epoch_end(self) -> None:
         frames = [f for _, f in sorted(self._test_frames, key=lambda x: x[0])]
         if frames:
-            self.save_video("test/turntable.mp4", frames, fps=self.cfg.video_fps)
+            self.save_video(TURNTABLE, frames, fps=self.cfg.video_fps)
         self._test_frames = []
 
     # ------------------------------------------------------------------ export (--export = predict loop)

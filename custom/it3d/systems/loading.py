@@ -17,6 +17,7 @@ from ..core import registry
 from ..core.checkpoint import newest_readable, require_readable
 from ..core.config import validate_experiment
 from ..core.errors import It3dError
+from ..core.layout import StageDir
 
 
 def load_stage(stage_dir: Optional[str] = None, device="cpu", config_path: Optional[str] = None,
@@ -24,7 +25,7 @@ def load_stage(stage_dir: Optional[str] = None, device="cpu", config_path: Optio
     """``stage_dir`` (its configs/parsed.yaml + newest readable checkpoint), or explicit ``config_path`` + ``ckpt_path``."""
     if stage_dir is None and not (config_path and ckpt_path):
         raise It3dError("load_stage: give a stage dir, or both config_path and ckpt_path")
-    cfg_path = config_path or os.path.join(stage_dir, "configs", "parsed.yaml")
+    cfg_path = config_path or StageDir(stage_dir).parsed_config
     if stage_dir is None:
         stage_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
     if not os.path.isfile(cfg_path):
@@ -32,7 +33,7 @@ def load_stage(stage_dir: Optional[str] = None, device="cpu", config_path: Optio
     if ckpt_path:
         require_readable(ckpt_path, "load_stage")
     else:
-        ckpt_path = newest_readable(os.path.join(stage_dir, "ckpts"))
+        ckpt_path = newest_readable(StageDir(stage_dir).ckpts)
     if not ckpt_path:
         raise It3dError(f"load_stage: no checkpoint in {stage_dir}/ckpts: train the stage first")
     import it3d  # noqa: F401  (registers every component)

@@ -40,6 +40,7 @@ from ..core import hub
 from ..core.checkpoint import newest_readable, require_readable
 from ..core.config import ConfigError, load_yaml, parse_structured, validate_experiment
 from ..core.errors import It3dError
+from ..core.layout import StageDir
 from .stage_state import Attempt, check_unchanged, fingerprint, is_done, reset_peak_memory, stage_config
 
 log = logging.getLogger("it3d")
@@ -101,7 +102,7 @@ def resolve_config_path(path: str) -> str:
 
 
 def _is_trial(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, "configs", "parsed.yaml"))
+    return StageDir(folder).is_trial()
 
 
 def resume_target(resume: str, stage_names: List[str]) -> Tuple[str, Optional[str]]:
@@ -122,7 +123,7 @@ def resume_target(resume: str, stage_names: List[str]) -> Tuple[str, Optional[st
     ckpts = os.path.dirname(path)
     stage_dir = os.path.dirname(ckpts)
     trial = os.path.dirname(stage_dir)
-    if os.path.basename(ckpts) != "ckpts" or os.path.basename(stage_dir) not in stage_names or not _is_trial(trial):
+    if ckpts != StageDir(stage_dir).ckpts or os.path.basename(stage_dir) not in stage_names or not _is_trial(trial):
         raise ConfigError(f"resume: {resume} is not inside a trial dir of this config (expected "
                           f"<trial>/<stage>/ckpts/<name>.ckpt with <stage> one of {', '.join(stage_names)}, "
                           f"or the trial dir itself)")
@@ -221,7 +222,7 @@ def _evaluate(stages: List[tuple], mode: str, dev: dict, stage: Optional[str], t
 
     candidates = [t for t in stages if t[0].run == "lightning" and (stage is None or t[0].name == stage)]
     for spec, scfg, sparsed in reversed(candidates):
-        ckpt = newest_readable(os.path.join(str(scfg.trial_dir), "ckpts"))
+        ckpt = newest_readable(StageDir(str(scfg.trial_dir)).ckpts)
         if ckpt is None:
             continue
         scfg.resume = sparsed.resume = ckpt
@@ -291,7 +292,7 @@ def _run_stage(cfg: DictConfig, spec: StageSpec, scfg: DictConfig, sparsed: Any,
 
         generate_reference(own_config(cfg, spec), sdir, dev["device"], path=f"stage.{spec.name}")
     else:
-        ckpt = ckpt or newest_readable(os.path.join(sdir, "ckpts"))
+        ckpt = ckpt or newest_readable(StageDir(sdir).ckpts)
         if ckpt:
             log.info(f"stage '{spec.name}': resuming from {ckpt}")
             scfg.resume = sparsed.resume = ckpt

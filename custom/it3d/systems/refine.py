@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..core import hub, io, registry
 from ..core.config import ConfigError, component, schedule, terms
 from ..core.errors import It3dError
+from ..core.layout import TURNTABLE
 from ..core.typing import Float, Tensor
 from .base import BaseSystem
 
@@ -297,7 +298,7 @@ class RefineSystem(BaseSystem):
         paths = sorted(glob.glob(os.path.join(self.save_dir, "test", "rgb", "*.png")))
         frames = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
         if frames:
-            self.save_video("test/turntable.mp4", frames, fps=self.cfg.video_fps)
+            self.save_video(TURNTABLE, frames, fps=self.cfg.video_fps)
 
     # ------------------------------------------------------------------ export
     def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> None:

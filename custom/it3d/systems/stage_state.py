@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..core import io
 from ..core.errors import ConfigError
+from ..core.layout import STAGE_STATE, STATS as STATS_FILE
 
-STATE, STATS = "stage.json", "stats.json"
+STATE, STATS = STAGE_STATE, STATS_FILE
 # keys that say where or how verbosely a stage runs, not what it computes
 IGNORED = {"trial_dir", "stage_dirs", "resume", "stages", "stage", "timestamp", "use_timestamp", "exp_root_dir",
            "n_gpus", "name", "tag", "description", "after_train", "system.device", "data.device",

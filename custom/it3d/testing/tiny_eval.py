@@ -22,10 +22,19 @@ from typing import Dict, List
 import numpy as np
 
 if __package__:
+    from ..core.layout import StageDir
     from . import tiny_builder
-else:  # run as a plain script (the fake launcher): no package, no registration
+else:  # run as a plain script (the fake launcher): no package, no registration; the layout module alone
+    import importlib.util
+
     def tiny_builder(name):
         return lambda fn: fn
+
+    _spec = importlib.util.spec_from_file_location(
+        "it3d_layout", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "core", "layout.py"))
+    _layout = sys.modules["it3d_layout"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_layout)
+    StageDir = _layout.StageDir
 
 LPIPS_WIDTHS = (4, 8, 8, 16, 16)
 FAKE_STAGES = ("coarse", "refine")
@@ -104,8 +113,8 @@ def fake_launch(argv: List[str]) -> int:
         time.sleep(float(os.environ["IT3D_FAKE_SLEEP"]))
     cache = kv["data.preprocess.cache_dir"]
     stem = os.path.splitext(os.path.basename(kv["data.image_path"]))[0]
-    last = os.path.join(trial, FAKE_STAGES[-1])
-    test = os.path.join(last, "save", "test")
+    last = StageDir(trial).stage(FAKE_STAGES[-1])
+    test = last.test_dir
     if mode == "train":
         try:
             rgba = recenter_rgba(kv["data.image_path"])
@@ -113,10 +122,10 @@ def fake_launch(argv: List[str]) -> int:
             print(f"error: cannot read image {kv['data.image_path']}: {e}", file=sys.stderr)
             return 1
         _write_png(os.path.join(cache, f"{stem}_rgba.png"), rgba)
-        _write_text(os.path.join(trial, "configs", "parsed.yaml"), "stages:\n" + "".join(f"- name: {s}\n" for s in FAKE_STAGES))
+        _write_text(StageDir(trial).parsed_config, "stages:\n" + "".join(f"- name: {s}\n" for s in FAKE_STAGES))
         for s in FAKE_STAGES:
-            _write_text(os.path.join(trial, s, "configs", "parsed.yaml"), f"name: {s}\n")
-            _write_text(os.path.join(trial, s, "ckpts", "last.ckpt"), "fake")
+            _write_text(StageDir(trial).stage(s).parsed_config, f"name: {s}\n")
+            _write_text(StageDir(trial).stage(s).last_ckpt, "fake")
     elif mode == "test":
         import imageio.v2 as imageio
         from PIL import Image
@@ -132,19 +141,19 @@ def fake_launch(argv: List[str]) -> int:
             _write_png(os.path.join(test, "rgb", f"{i:04d}.png"), img)
             _write_png(os.path.join(test, "normal", f"{i:04d}.png"), np.roll(rgb[..., ::-1], i, 0))
             _write_png(os.path.join(test, "depth", f"{i:04d}.png"), rgba[..., 3:].repeat(3, -1))
-        writer = imageio.get_writer(os.path.join(test, "turntable.mp4"), format="FFMPEG", mode="I", fps=4,
+        writer = imageio.get_writer(last.turntable, format="FFMPEG", mode="I", fps=4,
                                     codec="libx264", macro_block_size=1, pixelformat="yuv420p")
         for fr in frames:
             writer.append_data(fr)
         writer.close()
     else:
-        export = os.path.join(last, "save", "export")
+        export = last.export_dir
         _write_text(os.path.join(export, "mesh.obj"), "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
         _write_text(os.path.join(export, "points.ply"), "ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\n"
                     "property float y\nproperty float z\nend_header\n0 0 0\n")
     if mode == "train":  # like systems/pipeline.py: a stage's stats.json, written when it finished training
         for s in FAKE_STAGES:
-            _write_text(os.path.join(trial, s, "stats.json"), json.dumps(
+            _write_text(StageDir(trial).stage(s).stats, json.dumps(
                 {"wall_s": round(time.time() - t0, 4), "peak_rss_bytes": 100 * 2 ** 20, "peak_gpu_mem_bytes": None}))
     return 0
 
