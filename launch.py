@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
         install_import_hook("it3d", "beartype.beartype")
     sys.path.insert(0, os.path.join(HERE, "custom"))
-    from it3d.run import run_cli  # noqa: E402  (after the typecheck hook)
+    from it3d.runner.cli import run_cli  # noqa: E402  (after the typecheck hook)
 
     return run_cli(args, extras)
 

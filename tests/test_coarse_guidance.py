@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from it3d.run import import_extensions, prepare_config, run_stage
+from it3d.runner.cli import import_extensions, prepare_config, run_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = {"accelerator": "cpu", "devices": 1, "device": "cpu"}

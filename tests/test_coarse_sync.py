@@ -11,7 +11,7 @@ import torch
 from it3d.core import registry
 from it3d.core.base import BaseGuidance
 from it3d.core.profiling import count_syncs
-from it3d.run import build_components, prepare_config
+from it3d.runner.cli import build_components, prepare_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import torch
 from it3d.core import registry
 from it3d.core.base import BaseGuidance, BaseLoss
 from it3d.core.errors import It3dError
-from it3d.run import build_components, prepare_config
+from it3d.runner.cli import build_components, prepare_config
 from it3d.systems.loading import load_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,7 @@ from it3d.core import registry
 from it3d.core.base import BaseGuidance
 from it3d.core import cameras
 from it3d.data.dreambooth_data import NORMAL_BACKGROUND, modality_image
-from it3d.run import build_components, prepare_config
+from it3d.runner.cli import build_components, prepare_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEN = []

@@ -171,7 +171,7 @@ import os, signal, sys
 sys.path.insert(0, {custom!r})
 import numpy as np
 from it3d.core import io
-from it3d.systems.stage_state import Attempt
+from it3d.runner.stage_state import Attempt
 
 target, folder = sys.argv[1], sys.argv[2]
 

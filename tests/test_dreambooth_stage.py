@@ -1,4 +1,4 @@
-"""Multi-modal DreamBooth stage on the tiny Stable Diffusion, driven by Lightning through it3d.run:
+"""Multi-modal DreamBooth stage on the tiny Stable Diffusion, driven by Lightning through it3d.runner.cli:
 schedule order and proportions, weights that change, class images cached, the saved pipeline, resume."""
 import json
 import os
@@ -12,7 +12,7 @@ from PIL import Image
 from it3d.core import hub
 from it3d.core.config import ConfigError
 from it3d.data.dreambooth_data import DreamBoothDataModule, entry_at, modality_image
-from it3d.run import prepare_config, run_stage
+from it3d.runner.cli import prepare_config, run_stage
 from it3d.systems.dreambooth import training_target
 from it3d.testing import tiny_model_dir
 
@@ -188,7 +188,7 @@ def test_bad_modality_config_names_the_key(tmp_path):
 def test_each_prompt_trains_on_its_own_modality_with_the_prior_term(tmp_path, monkeypatch):
     """What reaches the diffusion loss at every step: [the step's modality image, a class image] with
     [that modality's prompt, the class prompt]; the loss is instance + prior_loss_weight * prior."""
-    from it3d.run import build_components
+    from it3d.runner.cli import build_components
 
     cfg, parsed = stage_cfg(tmp_path)
     dm, system = build_components(cfg, parsed, str(tmp_path / "trial"), resumed=False)
@@ -227,7 +227,7 @@ def test_memory_options_checkpointing_8bit_states_and_one_half_precision_save(tm
     from safetensors import safe_open
 
     from it3d.core.profiling import peak_memory
-    from it3d.run import build_components
+    from it3d.runner.cli import build_components
     from it3d.systems.dreambooth import saved_dtype
 
     assert saved_dtype("auto", "cuda:0") == torch.float16 and saved_dtype("auto", "cpu") == torch.float32

@@ -12,7 +12,7 @@ from transformers import CLIPTextModel
 
 from it3d.core import hub, registry
 from it3d.core.base import BaseBuilder
-from it3d.run import import_extensions, prepare_config
+from it3d.runner.cli import import_extensions, prepare_config
 from it3d.testing import tiny_model_dir
 
 from test_launch import EXT, ROOT
@@ -27,7 +27,7 @@ def _text_encoder(device="cpu"):
 
 # ----------------------------------------------------------------------------- freed between stages
 def test_each_stage_starts_with_an_empty_model_cache_and_cuda_cache_emptied(tmp_path, monkeypatch):
-    from it3d import run as run_module
+    from it3d.runner import cli as run_module
     from it3d.systems import pipeline
 
     import_extensions([os.path.join(ROOT, "custom"), EXT])
@@ -107,7 +107,7 @@ class _ModelBuilder(BaseBuilder):
 
 
 def test_refine_drops_the_builders_models_once_the_cloud_is_built(tmp_path):
-    from it3d.run import build_components
+    from it3d.runner.cli import build_components
     from it3d.testing.scene import make_scene
 
     registry.register("test-model-builder", kind="builder")(_ModelBuilder)
@@ -210,7 +210,7 @@ def test_single_stage_data_module_preprocesses_on_the_runs_device(tmp_path, devi
      {"dreambooth": ["test"], "coarse": [], "refine": ["test"]}),
 ])
 def test_only_the_final_stage_renders_and_exports_by_default(tmp_path, extra, expected):
-    from it3d.systems.pipeline import prepare_stages
+    from it3d.runner.pipeline import prepare_stages
 
     cfg, _ = prepare_config([os.path.join(ROOT, "configs", "customize-it-3d.yaml")], [
         "data.image_path=load/synthetic/rgba.png", f"exp_root_dir={tmp_path}", *extra], device="cpu")
@@ -221,7 +221,7 @@ def test_only_the_final_stage_renders_and_exports_by_default(tmp_path, extra, ex
 # ----------------------------------------------------------------------------- normals only when needed
 @pytest.fixture(scope="module")
 def coarse_system(tmp_path_factory):
-    from it3d.run import build_components
+    from it3d.runner.cli import build_components
 
     out = tmp_path_factory.mktemp("normals")
     cfg, parsed = prepare_config([os.path.join(ROOT, "configs", "tiny", "coarse.yaml")], [

@@ -167,6 +167,15 @@ def test_component_packages_have_no_cycle(edges):
     assert cycles(sub) == []
 
 
+def test_running_is_above_the_systems(edges):
+    """it3d.runner (CLI glue, stage pipeline, stage state, text-to-image) drives the systems; no system, no
+    component and no evaluation module imports it (the old run.py <-> systems/pipeline.py cycle)."""
+    up = sorted({f"{e.src} -> {e.dst}" for e in edges if package(e.dst) in ("runner", "run")
+                 and package(e.src) not in ("runner", "run", "app", "batch", "testing")})
+    assert not up, up
+    assert not [c for c in cycles(package_graph(edges)) if {"runner", "systems"} & set(c)]
+
+
 def test_core_imports_no_other_package(edges):
     """core is the floor: at module level it imports no other it3d package (nor inside functions)."""
     up = [e for e in edges if package(e.src) == "core" and package(e.dst) not in ("core", "it3d")]
@@ -200,7 +209,8 @@ def test_core_and_data_know_nothing_of_the_floors_above(edges, src):
 
 
 def test_old_module_paths_are_gone():
-    for rel in ("data/cameras.py", "data/images.py", "preprocess/sam.py"):
+    for rel in ("data/cameras.py", "data/images.py", "preprocess/sam.py", "run.py", "systems/pipeline.py",
+                "systems/stage_state.py", "systems/text_to_image.py"):
         assert not os.path.exists(os.path.join(ROOT, rel)), rel
 
 

@@ -13,8 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from it3d.core.config import C
-from it3d.run import prepare_config
-from it3d.systems.pipeline import prepare_stages
+from it3d.runner.cli import prepare_config
+from it3d.runner.pipeline import prepare_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from it3d.run import CUSTOM_DIR, import_extensions, prepare_config, run_stage
+from it3d.runner.cli import CUSTOM_DIR, import_extensions, prepare_config, run_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXT = os.path.join(ROOT, "tests", "extensions")

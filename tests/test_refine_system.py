@@ -12,7 +12,7 @@ from it3d.core import io, registry
 from it3d.core.base import BaseBuilder
 from it3d.core import cameras
 from it3d.core.metrics import psnr
-from it3d.run import prepare_config, run_stage
+from it3d.runner.cli import prepare_config, run_stage
 from it3d.testing.scene import make_scene
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny", "refine.yaml")

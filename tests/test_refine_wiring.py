@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from it3d.core import registry
 from it3d.core.base import BaseGuidance
-from it3d.run import build_components
+from it3d.runner.cli import build_components
 
 from test_refine_system import config, setup  # noqa: F401  (the module fixture registers the test builder)
 

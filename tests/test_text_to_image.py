@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from it3d.core.config import ConfigError
-from it3d.systems.text_to_image import generate_reference
+from it3d.runner.text_to_image import generate_reference
 from it3d.testing import tiny_model_dir
 
 

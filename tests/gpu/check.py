@@ -72,8 +72,8 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- the configs' own figures
 def stage_figures(config: str, image: str) -> Dict[str, Dict[str, Any]]:
     """Per stage of a method config: its run type and the papers' step counts (what the projection uses)."""
-    from it3d.run import import_extensions, prepare_config
-    from it3d.systems.pipeline import prepare_stages
+    from it3d.runner.cli import import_extensions, prepare_config
+    from it3d.runner.pipeline import prepare_stages
 
     import_extensions()
     cfg, _ = prepare_config([os.path.join(ROOT, config)], [f"data.image_path={image}", "exp_root_dir=/tmp/it3d-plan"])
@@ -96,7 +96,7 @@ def stage_figures(config: str, image: str) -> Dict[str, Dict[str, Any]]:
 
 
 def required_ids(config: str, image: str) -> List[str]:
-    from it3d.run import prepare_config
+    from it3d.runner.cli import prepare_config
     from it3d.runner.preflight import plan_stages, required_models
 
     cfg, parsed = prepare_config([os.path.join(ROOT, config)], [f"data.image_path={image}", "exp_root_dir=/tmp/it3d-plan"])

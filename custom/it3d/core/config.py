@@ -252,7 +252,7 @@ class ExperimentConfig:
     checkpoint: dict = field(default_factory=dict, metadata={"opaque": True})
     # what --train does once training ends (on the final weights): any of test, export
     after_train: List[str] = field(default_factory=lambda: ["test", "export"])
-    # staged pipelines (it3d.systems.pipeline): ordered list of {name, config, run, overrides}
+    # staged pipelines (it3d.runner.pipeline): ordered list of {name, config, run, overrides}
     stages: List[Any] = field(default_factory=list, metadata={"opaque": True})
     # per-stage overrides by name: stage.coarse.system.x=... (checked with each stage's config)
     stage: dict = field(default_factory=dict, metadata={"opaque": True})

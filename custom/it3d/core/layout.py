@@ -4,7 +4,7 @@ A trial dir holds a run; a staged method's trial holds one stage dir per stage (
 each laid out like a single-stage trial::
 
     configs/parsed.yaml        the resolved config (a staged trial's root holds the root's)
-    stage.json                 config fingerprint and attempts (it3d.systems.stage_state)
+    stage.json                 config fingerprint and attempts (it3d.runner.stage_state)
     stats.json                 wall time and peak memory; marks the stage finished
     run.lock                   the process running the trial (it3d.core.lock)
     ckpts/last.ckpt, ckpts/epoch=*-step=*.ckpt

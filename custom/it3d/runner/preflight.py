@@ -111,8 +111,8 @@ def stage_models(spec: Any, scfg: Any, root_cfg: Any, staged: bool) -> Iterator[
         return
     prefix = f"stage.{spec.name}." if staged else ""
     if spec.run == "text-to-image":
-        from ..systems.pipeline import own_config
-        from ..systems.text_to_image import TextToImageConfig
+        from .pipeline import own_config
+        from .text_to_image import TextToImageConfig
 
         for key, mid in walk_models(TextToImageConfig, own_config(root_cfg, spec), ""):
             yield prefix + key, mid
@@ -128,7 +128,7 @@ def stage_models(spec: Any, scfg: Any, root_cfg: Any, staged: bool) -> Iterator[
 
 def required_models(root_cfg: Any, stages: List[tuple], staged: bool = True) -> List[ModelRef]:
     """Every model the not-yet-finished stages will load, each with its status (see :func:`hub.locate`)."""
-    from ..systems.pipeline import is_done
+    from .pipeline import is_done
 
     stage_dirs = {spec.name: os.path.abspath(str(scfg.trial_dir)) for spec, scfg, _ in stages}
     refs: Dict[str, ModelRef] = {}
@@ -181,10 +181,10 @@ def check(refs: List[ModelRef]) -> None:
 def plan_stages(cfg: Any, parsed: Any, device: str) -> List[tuple]:
     """``(spec, stage config, parsed)`` of every stage (a single-stage config is one stage named after it)."""
     if parsed.stages:
-        from ..systems.pipeline import prepare_stages
+        from .pipeline import prepare_stages
 
         return prepare_stages(cfg, device)
-    from ..systems.pipeline import StageSpec
+    from .pipeline import StageSpec
 
     run = "preprocess" if cfg.get("data", {}) and not cfg.get("system_type") and not cfg.get("system") else "lightning"
     return [(StageSpec(name=str(parsed.name), run=run), cfg, parsed)]
@@ -196,7 +196,7 @@ def preflight(cfg: Any, parsed: Any, mode: str, device: str, dry_run: bool = Fal
     writes the resolved configs to ``<trial>/dry-run/``."""
     import logging
 
-    from ..systems.pipeline import is_done
+    from .pipeline import is_done
 
     stages = plan_stages(cfg, parsed, device)
     if mode == "preprocess":

@@ -151,7 +151,7 @@ def fake_launch(argv: List[str]) -> int:
         _write_text(os.path.join(export, "mesh.obj"), "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
         _write_text(os.path.join(export, "points.ply"), "ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\n"
                     "property float y\nproperty float z\nend_header\n0 0 0\n")
-    if mode == "train":  # like systems/pipeline.py: a stage's stats.json, written when it finished training
+    if mode == "train":  # like runner/pipeline.py: a stage's stats.json, written when it finished training
         for s in FAKE_STAGES:
             _write_text(StageDir(trial).stage(s).stats, json.dumps(
                 {"wall_s": round(time.time() - t0, 4), "peak_rss_bytes": 100 * 2 ** 20, "peak_gpu_mem_bytes": None}))

@@ -174,7 +174,7 @@ def own_config(cfg: DictConfig, spec: StageSpec) -> DictConfig:
 
 def prepare_stages(cfg: DictConfig, device: str) -> List[tuple]:
     """Build and validate every stage's config before any work starts."""
-    from ..run import fill_device
+    from .cli import fill_device
 
     specs = stage_specs(cfg)
     trial_dir = str(cfg.trial_dir)
@@ -218,7 +218,7 @@ def run_pipeline(cfg: DictConfig, parsed: Any, mode: str, dev: dict, stage: Opti
 
 def _evaluate(stages: List[tuple], mode: str, dev: dict, stage: Optional[str], trial_dir: str) -> str:
     """--test / --export / --validate on the last trained stage (or ``--stage``), from its newest readable checkpoint."""
-    from ..run import run_stage
+    from .cli import run_stage
 
     candidates = [t for t in stages if t[0].run == "lightning" and (stage is None or t[0].name == stage)]
     for spec, scfg, sparsed in reversed(candidates):
@@ -256,7 +256,7 @@ def _named_checkpoint(cfg: DictConfig, stages: List[tuple]) -> Tuple[Optional[st
 
 
 def _train(cfg: DictConfig, stages: List[tuple], dev: dict, trial_dir: str) -> str:
-    from ..run import write_configs
+    from .cli import write_configs
 
     named_stage, named_ckpt = _named_checkpoint(cfg, stages)
     flats = _stage_configs(stages, trial_dir)
@@ -280,7 +280,7 @@ def _train(cfg: DictConfig, stages: List[tuple], dev: dict, trial_dir: str) -> s
 
 def _run_stage(cfg: DictConfig, spec: StageSpec, scfg: DictConfig, sparsed: Any, dev: dict, attempt: Attempt,
                ckpt: Optional[str]) -> None:
-    from ..run import run_stage
+    from .cli import run_stage
 
     sdir = str(scfg.trial_dir)
     if spec.run == "preprocess":

@@ -13,14 +13,14 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from .core import io
-from .core.config import (ConfigError, ExperimentConfig, check_precision, load_config, parse_structured,
+from ..core import io
+from ..core.config import (ConfigError, ExperimentConfig, check_precision, load_config, parse_structured,
                           validate_experiment)
-from .core.errors import It3dError
-from .core.layout import StageDir
+from ..core.errors import It3dError
+from ..core.layout import StageDir
 
 log = logging.getLogger("it3d")
-CUSTOM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUSTOM_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def setup_logging(verbose: bool) -> None:
@@ -142,13 +142,13 @@ def _prepare_config(config_files: Sequence[str], overrides: Sequence[str], devic
     if not cfg.get("stages"):  # a staged run's root holds shared keys; each stage is filled on its own
         fill_device(cfg, device)
     if cfg.get("stages") and cfg.get("resume"):
-        from .systems.pipeline import resume_target
+        from .pipeline import resume_target
 
         names = [str(s.get("name")) for s in cfg.stages if isinstance(s, DictConfig)]
         cfg.trial_dir, _ = resume_target(str(cfg.resume), names)
     cfg.trial_dir = make_trial_dir(cfg)
     if cfg.get("stages"):
-        from .systems.pipeline import prepare_stages
+        from .pipeline import prepare_stages
 
         cfg.stage_dirs = {str(s.get("name")): os.path.join(str(cfg.trial_dir), str(s.get("name")))
                           for s in cfg.stages if isinstance(s, DictConfig) and s.get("name")}
@@ -176,7 +176,7 @@ def fill_device(cfg: DictConfig, device: str) -> None:
 def _has_device_field(cfg: DictConfig) -> bool:
     import dataclasses
 
-    from .core import registry
+    from ..core import registry
 
     try:
         cls = registry.get("datamodule", str(cfg.get("data_type") or "single-image"))
@@ -188,7 +188,7 @@ def _has_device_field(cfg: DictConfig) -> bool:
 
 def resume_checkpoint(resume: str) -> str:
     """``resume=`` of a single-stage run: a checkpoint (checked readable) or a trial dir (its newest readable one)."""
-    from .core.checkpoint import newest_readable, require_readable
+    from ..core.checkpoint import newest_readable, require_readable
 
     if os.path.isdir(resume):
         ckpt = newest_readable(StageDir(resume).ckpts)
@@ -201,8 +201,8 @@ def resume_checkpoint(resume: str) -> str:
 
 def check_inputs(cfg: DictConfig) -> None:
     """Before any work: the input files the config names can be read (photo, maps, model weights)."""
-    from .core.checkpoint import require_readable
-    from .preprocess.entry import check_inputs as check_data
+    from ..core.checkpoint import require_readable
+    from ..preprocess.entry import check_inputs as check_data
 
     trial = str(cfg.trial_dir)
     check_data(cfg.get("data"), produced_under=trial)
@@ -254,9 +254,9 @@ def _run_cli(args, extras: Sequence[str]) -> int:
     cfg, parsed = prepare_config(args.config, extras, device=dev["device"],
                                  n_gpus=len(dev["devices"]) if isinstance(dev["devices"], list) else 1)
     check_inputs(cfg)
-    from .core import hub
-    from .core.lock import TrialLock
-    from .runner.preflight import preflight
+    from ..core import hub
+    from ..core.lock import TrialLock
+    from .preflight import preflight
 
     hub.set_precision(parsed.precision)
     if mode in ("train", "preprocess") or dry_run:
@@ -271,11 +271,11 @@ def _run_cli(args, extras: Sequence[str]) -> int:
 
 def dispatch(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, stage: Optional[str] = None) -> None:
     if parsed.stages:
-        from .systems.pipeline import run_pipeline
+        from .pipeline import run_pipeline
 
         run_pipeline(cfg, parsed, mode, dev, stage=stage)
     elif mode == "preprocess":
-        from .preprocess.entry import preprocess_from_config
+        from ..preprocess.entry import preprocess_from_config
 
         preprocess_from_config(cfg, dev["device"])
     else:
@@ -306,7 +306,7 @@ def mixed_precision(system: Any, parsed: ExperimentConfig, dev: dict) -> Optiona
     """Lightning's ``precision`` for a system that trains weights through half-precision models
     (``system.trains_pretrained``, e.g. DreamBooth): the run's half dtype as mixed precision, fp32
     master weights. None: leave Lightning's default (fp32), or the trainer config's own choice."""
-    from .core import hub
+    from ..core import hub
 
     if not getattr(system, "trains_pretrained", False) or "precision" in (parsed.trainer or {}):
         return None
@@ -321,8 +321,8 @@ def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from .core.checkpoint import AtomicCheckpointIO
-    from .core.trainer_parts import AppendingCSVLogger
+    from ..core.checkpoint import AtomicCheckpointIO
+    from ..core.trainer_parts import AppendingCSVLogger
 
     loggers = [
         TensorBoardLogger(save_dir=trial_dir, name="logs", version="tb", default_hp_metric=False),
@@ -336,12 +336,12 @@ def build_trainer(parsed: ExperimentConfig, trial_dir: str, dev: dict, callbacks
         tkw["precision"] = precision
     tkw.setdefault("accelerator", dev["accelerator"])
     tkw.setdefault("devices", dev["devices"])
-    from .runner.progress_callback import ProgressCallback
-    from .runner.timing import StepTimer
+    from .progress_callback import ProgressCallback
+    from .timing import StepTimer
 
     cbs = [checkpoint_callback(parsed, trial_dir), StepTimer(trial_dir), ProgressCallback(trial_dir)] + list(callbacks or [])
     if tkw["enable_progress_bar"]:
-        from .core.trainer_parts import StepProgressBar
+        from ..core.trainer_parts import StepProgressBar
 
         cbs.append(StepProgressBar(label=os.path.basename(os.path.normpath(trial_dir))))
     return pl.Trainer(default_root_dir=trial_dir, callbacks=cbs, logger=loggers,
@@ -358,7 +358,7 @@ def checkpoint_callback(parsed: ExperimentConfig, trial_dir: str):
 
 
 def build_components(cfg: DictConfig, parsed: ExperimentConfig, trial_dir: str, resumed: bool, **system_kwargs):
-    from .core import registry
+    from ..core import registry
 
     dm = registry.get("datamodule", parsed.data_type)(cfg.get("data", {}), path="data")
     system = registry.get("system", parsed.system_type)(cfg.get("system", {}), resumed=resumed,
@@ -372,7 +372,7 @@ def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, c
     """One Lightning run (train / validate / test / export) in ``cfg.trial_dir``. Returns the trial dir."""
     import lightning.pytorch as pl
 
-    from .core import hub
+    from ..core import hub
 
     trial_dir = str(cfg.trial_dir)
     hub.set_precision(parsed.precision)
@@ -402,7 +402,7 @@ def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, c
         elif mode == "export":
             trainer.predict(system, datamodule=dm, ckpt_path=resume, return_predictions=False)
     except Exception as e:  # out of memory: one line naming the stage and the settings to lower
-        from .runner.oom import is_oom, oom_message
+        from .oom import is_oom, oom_message
 
         if not is_oom(e):
             raise
@@ -415,7 +415,7 @@ def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, c
 def _checkpoint_for(parsed: ExperimentConfig, mode: str, trial_dir: str) -> Optional[str]:
     """The checkpoint a run starts from: ``resume=`` (checked when the config was prepared), else for
     --test/--export/--validate the trial's newest readable one."""
-    from .core.checkpoint import newest_readable
+    from ..core.checkpoint import newest_readable
 
     if parsed.resume is not None:
         return parsed.resume
@@ -426,7 +426,7 @@ def _checkpoint_for(parsed: ExperimentConfig, mode: str, trial_dir: str) -> Opti
 
 def check_weights(parsed: ExperimentConfig, resumed: bool) -> None:
     """``system.weights`` (model weights only, loaded when not resuming) must be a readable checkpoint."""
-    from .core.checkpoint import require_readable
+    from ..core.checkpoint import require_readable
 
     weights = (parsed.system or {}).get("weights") if isinstance(parsed.system, dict) else None
     if weights and not resumed:
