@@ -113,7 +113,12 @@ def test_scheduler_queue_cancel_resume_and_restart(tmp_path, monkeypatch):
         time.sleep(0.2)
     assert sched.cancel(a)
     wait_state(sched, a, "cancelled")
-    assert alive(sched.run_dir(a)) == []  # the worker and its launch are gone
+    # the worker and its launch are gone (SIGKILL is delivered asynchronously: a dying process keeps its
+    # /proc entry for a moment after cancel returns)
+    deadline = time.time() + 10
+    while alive(sched.run_dir(a)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert alive(sched.run_dir(a)) == []
     monkeypatch.delenv("IT3D_FAKE_SLEEP")
     sched.submit(a)  # resume: the same trial, the killed step again
     wait_state(sched, a, "done")

@@ -28,7 +28,7 @@ def _text_encoder(device="cpu"):
 # ----------------------------------------------------------------------------- freed between stages
 def test_each_stage_starts_with_an_empty_model_cache_and_cuda_cache_emptied(tmp_path, monkeypatch):
     from it3d.runner import cli as run_module
-    from it3d.systems import pipeline
+    from it3d.runner import pipeline
 
     import_extensions([os.path.join(ROOT, "custom"), EXT])
     seen = []
@@ -171,7 +171,7 @@ ESTIMATORS = {"data.preprocess.mask", "data.preprocess.depth", "data.preprocess.
 
 
 def test_preprocess_stage_runs_every_estimator_on_the_runs_device(tmp_path, device_spy):
-    from it3d.systems import pipeline
+    from it3d.runner import pipeline
 
     photo = _rgb_photo(tmp_path / "photo.png")
     cfg, parsed = prepare_config([os.path.join(ROOT, "configs", "tiny", "make-it-3d.yaml")], [

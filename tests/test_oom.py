@@ -34,6 +34,9 @@ def test_a_coarse_stage_out_of_memory_names_its_settings(tmp_path, monkeypatch, 
         < line.index("system.renderer.num_importance_samples=8"), line
     assert "rerun the same command to resume" in line and "Tried to allocate 20.00 GiB" in line
     assert not any("Traceback" in ln for ln in err)
+    from it3d.core import progress
+
+    assert progress.active() is None  # the failed stage's progress file is no longer the process's active one
 
 
 def test_messages_by_stage_and_what_counts_as_out_of_memory():

@@ -172,6 +172,6 @@ def test_refine_with_tiny_sd_guidance(setup):
 
     with open(os.path.join(trial, "logs", "csv", "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
-    vals = [float(r["train/loss_guidance_sd"]) for r in rows if r.get("train/loss_guidance_sd")]
+    vals = [float(r["train/sd"]) for r in rows if r.get("train/sd")]
     assert len(vals) == 2 and all(np.isfinite(vals)) and any(v > 0 for v in vals)
-    assert any(r.get("train/sd_grad_norm") for r in rows)
+    assert any(r.get("train/sd/grad_norm") for r in rows)  # guidance extras: train/<name>/<key>, as in coarse

@@ -66,11 +66,11 @@ def test_guidance_sees_the_novel_render_and_the_loss_is_the_sum_of_its_terms(ref
     assert not torch.allclose(rgb, out_ref["comp_rgb"], atol=1e-2)  # ... not the reference's
     assert torch.equal(gbatch["c2w"], batch["random"]["c2w"])
     # colour regulariser: sum over RGB of the squared change, averaged over the points of each kind
-    assert logged["train/loss_color_novel"] == pytest.approx(3 * delta ** 2, rel=1e-4)
-    assert logged["train/loss_color_ref"] == 0.0
+    assert logged["train/color_novel"] == pytest.approx(3 * delta ** 2, rel=1e-4)
+    assert logged["train/color_ref"] == 0.0
     # white background: the mean of the two views' terms, and it is part of the total
     bg = float((white_bg(out_ref) + white_bg(out_novel)) / 2)
-    assert bg > 1e-3 and logged["train/loss_white_bg"] == pytest.approx(bg, rel=1e-4)
+    assert bg > 1e-3 and logged["train/white_bg"] == pytest.approx(bg, rel=1e-4)
     L = system.cfg.loss
     ref_l1 = float(F.l1_loss(out_ref["comp_rgb"], batch["ref"]["rgb"]))
     guide = float((out_novel["comp_rgb"] - 0.25).abs().mean())

@@ -46,6 +46,11 @@ class ProgressCallback(pl.Callback):
             self._ctx.__exit__(None, None, None)
             self._ctx = None
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A stage that fails (out of memory, a bad batch) stops reporting too: its file is no longer the
+        process's active one (a later stage or run in this process must not write into it)."""
+        self.teardown(trainer, pl_module, "")
+
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             self.file.phase("train", total=_total_steps(trainer, pl_module), step=trainer.global_step)

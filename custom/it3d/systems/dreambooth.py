@@ -329,10 +329,10 @@ class DreamBoothSystem(BaseSystem):
             prompts.append(self.class_prompt)
         losses = self.diffusion_loss(torch.cat(images), prompts)
         loss = losses[0]
-        self.log("train/loss_instance", losses[0], prog_bar=True)
+        self.log("train/instance", losses[0], prog_bar=True)
         if len(losses) > 1:
             loss = loss + self.cfg.prior_loss_weight * losses[1:].mean()
-            self.log("train/loss_prior", losses[1:].mean())
+            self.log("train/prior", losses[1:].mean())
         self.log("train/loss", loss)
         self.log("train/modality", float(entry_at(schedule, step)))
         self.history.append((step, modality, prompt))

@@ -211,7 +211,9 @@ class RefineSystem(BaseSystem):
         return sum(parts[1:], parts[0]) if parts else None
 
     def step_losses(self, batch: Dict[str, Any], backward: Optional[Any] = None) -> Tensor:
-        """The step's weighted loss, logged term by term (``train/loss_<name>``, ``train/loss``).
+        """The step's weighted loss, logged as the coarse system logs: ``train/<term>`` (``ref_rgb``,
+        ``white_bg``, ``color_ref``, ``color_novel``, each guidance by its entry name), guidance extras as
+        ``train/<name>/<key>``, the weighted sum as ``train/loss``.
 
         Without ``backward``: the total with its graph. With it (``manual_backward``): the reference
         part (reference L1, its half of the white-background term, the colour regularisers) is
@@ -240,11 +242,11 @@ class RefineSystem(BaseSystem):
             novel = []
             for name, g in active.items():
                 res = g(out_n["comp_rgb"], rnd, step)
-                logs[f"guidance_{name}"] = res["loss"]
+                logs[name] = res["loss"]
                 novel.append((self.C(self.guidance_weights[name]), res["loss"]))
                 for k, v in res.items():
                     if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
-                        self.log(f"train/{name}_{k}", v.float())
+                        self.log(f"train/{name}/{k}", v.float())  # as the coarse system: train/<term>/<extra>
             white_novel = self.white_bg_loss(out_n)
             novel.append((bg_w, white_novel / n_bg))
             part = self._weighted(novel)
@@ -255,9 +257,8 @@ class RefineSystem(BaseSystem):
             total = part if total is None else (total if part is None else total + part)
         if bg_w != 0:
             logs["white_bg"] = white_bg / n_bg
-        for name in ("ref_rgb", *[k for k in logs if k.startswith("guidance_")], "white_bg", "color_ref", "color_novel"):
-            if name in logs:
-                self.log(f"train/loss_{name}", logs[name].detach())
+        for name, v in logs.items():  # one key scheme with the coarse system: train/<term>, train/loss
+            self.log(f"train/{name}", v.detach())
         total = total if total is not None else reg_ref.detach() * 0.0
         self.log("train/loss", total.detach(), prog_bar=True)
         return total
