@@ -105,3 +105,21 @@ def test_random_overrides_only_raise_config_error(config, overrides, required):
     finally:
         os.chdir(cwd)
     assert not os.path.exists(out), "parsing must not write anything"
+
+
+@pytest.mark.parametrize("override, message", [
+    # found by the property test: a list where a component type name goes, a list where a section goes
+    ("stage.coarse.system.guidance.zero123.type=[]", "stage 'coarse': system.guidance.zero123: guidance type must be a name, got []"),
+    ("checkpoint=[]", "bad value for 'checkpoint': expected a section (key: value), got []"),
+])
+def test_lists_in_the_wrong_place_are_config_errors(override, message, required):
+    out, base = required
+    config = os.path.join(ROOT, "configs", "ablations", "customize-it-3d-no-shading-prompts.yaml")
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with pytest.raises(ConfigError) as e:
+            prepare_config([config], base[config] + [override])
+    finally:
+        os.chdir(cwd)
+    assert str(e.value).startswith(message), str(e.value)

@@ -129,10 +129,24 @@ def parse_structured(cls, cfg: Any = None, path: str = "") -> Any:
         key = getattr(e, "full_key", None) or ""
         msg = str(getattr(e, "msg", e)).splitlines()[0]
         raise ConfigError(f"bad value for '{_join(path, key)}': {msg}") from None
+    except TypeError:  # OmegaConf: "Cannot merge incompatible container types" (a list where a section goes)
+        raise ConfigError(_shape_error(cls, raw, path)) from None
     _put_schedules(obj, scheds)
     _check_missing(cls, obj, path)
     check_dataclass(cls, obj, path)  # natural ranges (steps >= 0, probabilities in [0, 1], ...)
     return obj
+
+
+def _shape_error(cls, raw: Any, path: str) -> str:
+    """Name the first field whose value is a list where the dataclass expects a section, or the reverse."""
+    if isinstance(raw, dict):
+        default = OmegaConf.structured(cls)
+        for k, v in raw.items():
+            want = default.get(k) if k in default else None
+            if OmegaConf.is_dict(want) and not isinstance(v, dict) or OmegaConf.is_list(want) and isinstance(v, dict):
+                shape = "a section (key: value)" if OmegaConf.is_dict(want) else "a list"
+                return f"bad value for '{_join(path, k)}': expected {shape}, got {v!r}"
+    return f"bad value for '{path or 'the config'}': a list and a section (key: value) cannot be combined"
 
 
 def _pop_schedules(cls, raw):

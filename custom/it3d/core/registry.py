@@ -94,6 +94,8 @@ def register(name: str, kind: str) -> Callable[[T], T]:
 def get(kind: str, name: str) -> type:
     _check_kind(kind)
     ns = _namespaces[kind]
+    if not isinstance(name, str):  # e.g. ``type=[]`` from the command line
+        raise RegistryError(f"{kind} type must be a name, got {name!r} (known: {', '.join(sorted(ns)) or '(none)'})")
     if name not in ns:
         known = ", ".join(sorted(ns)) or "(none)"
         raise RegistryError(f"{kind} '{name}' not found{suggest(name, ns)} (known: {known})")
