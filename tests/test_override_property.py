@@ -90,8 +90,10 @@ def required(tmp_path_factory):
         os.chdir(cwd)
 
 
+# derandomized by default (the same 150 examples every run, so CI is repeatable); IT3D_PROPERTY_RANDOM=1 explores
+# new ones (IT3D_PROPERTY_EXAMPLES=1500: how the two list-shape bugs pinned below were found)
 @settings(max_examples=int(os.environ.get("IT3D_PROPERTY_EXAMPLES", "150")), deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+          derandomize=os.environ.get("IT3D_PROPERTY_RANDOM") != "1", suppress_health_check=[HealthCheck.too_slow])
 @given(config=st.sampled_from(CONFIGS), overrides=st.lists(item, max_size=4))
 def test_random_overrides_only_raise_config_error(config, overrides, required):
     out, base = required
