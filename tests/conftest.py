@@ -1,4 +1,5 @@
 """Shared test fixtures."""
+import contextlib
 import os
 
 import pytest
@@ -9,6 +10,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the netw
 # this when it is first imported, before any test module loads
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@contextlib.contextmanager
+def registered(kind, name, cls):
+    """``cls`` registered as ``name`` of ``kind`` for the block (a test-only component), unregistered after."""
+    from it3d.core import registry
+
+    registry.register(name, kind=kind)(cls)
+    try:
+        yield cls
+    finally:
+        registry.unregister(kind, name)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from it3d.core import registry
+from conftest import registered
 from it3d.core.base import BaseGuidance
 from it3d.core.profiling import count_syncs
 from it3d.runner.cli import build_components, prepare_config
@@ -30,8 +30,7 @@ class _SyncFreeGuide(BaseGuidance):
 
 @pytest.fixture(scope="module")
 def system_and_dm(tmp_path_factory):
-    registry.register("sync-free-guide", kind="guidance")(_SyncFreeGuide)
-    try:
+    with registered("guidance", "sync-free-guide", _SyncFreeGuide):
         out = tmp_path_factory.mktemp("coarse-sync")
         cfg, parsed = prepare_config([os.path.join(ROOT, "configs", "tiny", "coarse.yaml")], [
             f"data.image_path={ROOT}/load/synthetic/rgba.png", f"trial_dir={out}", "data.heights=[16]",
@@ -42,8 +41,6 @@ def system_and_dm(tmp_path_factory):
             "+system.guidance={g: {type: sync-free-guide, weight: 1.0}}"])
         dm, system = build_components(cfg, parsed, str(out), resumed=False)
         yield system, dm
-    finally:
-        registry.unregister("guidance", "sync-free-guide")
 
 
 # what the system step still does, per step kind (site substring, op) -> count

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from it3d.core import registry
+from conftest import registered
 from it3d.core.base import BaseGuidance
 from it3d.core import cameras
 from it3d.data.dreambooth_data import NORMAL_BACKGROUND, modality_image
@@ -39,8 +39,7 @@ class _Spy(BaseGuidance):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    registry.register("test-spy", kind="guidance")(_Spy)
-    try:
+    with registered("guidance", "test-spy", _Spy):
         out = tmp_path_factory.mktemp("wiring")
         cfg, parsed = prepare_config([os.path.join(ROOT, "configs", "tiny", "coarse.yaml")], [
             f"data.image_path={ROOT}/load/synthetic/rgba.png", f"trial_dir={out}", "data.heights=[16]",
@@ -51,8 +50,6 @@ def built(tmp_path_factory):
         dm.prepare()
         system.log = lambda *a, **k: None
         yield system, dm
-    finally:
-        registry.unregister("guidance", "test-spy")
 
 
 def spy_renderer(system, monkeypatch):

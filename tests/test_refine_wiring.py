@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from it3d.core import registry
+from conftest import registered
 from it3d.core.base import BaseGuidance
 from it3d.runner.cli import build_components
 
@@ -28,8 +28,7 @@ class _Spy(BaseGuidance):
 
 @pytest.fixture(scope="module")
 def refine(setup):  # noqa: F811
-    registry.register("test-refine-spy", kind="guidance")(_Spy)
-    try:
+    with registered("guidance", "test-refine-spy", _Spy):
         root = setup
         cfg, parsed = config(root, "+system.guidance={spy: {type: test-refine-spy, weight: 2.0}}",
                              f"trial_dir={root / 'wiring'}")
@@ -39,8 +38,6 @@ def refine(setup):  # noqa: F811
         with torch.no_grad():
             system.renderer.background[:3] = 0.3  # a grey background: the white-background term is not 0
         yield system, dm
-    finally:
-        registry.unregister("guidance", "test-refine-spy")
 
 
 def white_bg(out):
