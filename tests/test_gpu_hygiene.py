@@ -194,7 +194,10 @@ def test_single_stage_data_module_preprocesses_on_the_runs_device(tmp_path, devi
         f"+{pre}.depth={{pretrained_model_name_or_path: {tiny_model_dir('depth')}}}",
         f"+{pre}.caption_model={{pretrained_model_name_or_path: {tiny_model_dir('caption')}}}"], device=RUN_DEVICE)
     assert cfg.data.device == RUN_DEVICE and cfg.system.device == RUN_DEVICE
+    from it3d.runner.cli import attach_prepared
+
     dm = registry.get("datamodule", parsed.data_type)(cfg.data, path="data")
+    attach_prepared(dm, cfg, str(tmp_path / "trial"), reuse=False)  # the runner preprocesses, not the datamodule
     dm.prepare()
     assert set(device_spy["estimators"]) == ESTIMATORS
     assert set(device_spy["estimators"].values()) == {torch.device(RUN_DEVICE)}

@@ -188,6 +188,7 @@ def test_core_imports_no_other_package(edges):
     ("it3d.systems", "it3d.eval"),  # refine's reference PSNR comes from it3d.core.metrics
     ("it3d.builders", "it3d.preprocess"),  # SamSegmenter lives in it3d.core.segment
     ("it3d.data.dreambooth_data", "it3d.preprocess"),  # class_from_caption lives in it3d.core.caption
+    ("it3d.data", "it3d.preprocess"),  # datamodules load the preprocessing record (it3d.core.prepared), never run it
     ("it3d.preprocess", "it3d.data"),  # image helpers live in it3d.core.image, cameras in it3d.core.cameras
     ("it3d.renderers", "it3d.data"), ("it3d.guidance", "it3d.data"), ("it3d.builders", "it3d.data"),
     ("it3d.exporters", "it3d.data"), ("it3d.testing", "it3d.data"),

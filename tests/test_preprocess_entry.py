@@ -65,18 +65,19 @@ def test_realfusion_photo_preprocessed_then_cached(tmp_path, calls):
     Image.open(f"{RF15}/teddy_bear/image.png").convert("RGB").resize((160, 160)).save(img)  # no alpha
     out = entry.ensure_preprocessed(str(img), tiny_cfg(), "cpu")
     assert calls == {"mask": 1, "depth": 1, "caption": 1}
-    assert set(out) == {"rgba", "mask", "depth", "normal", "caption"}
+    assert all((out.rgba, out.mask, out.depth, out.normal, out.caption))  # the typed record: every output made
+    assert (out.size, out.border_ratio, out.source) == (SIZE, 0.2, str(img))
     for key, name in (("rgba", "teddy_rgba.png"), ("depth", "teddy_depth.png"), ("normal", "teddy_normal.png")):
-        assert out[key] == str(tmp_path / name)
-    check_framed(out["rgba"])
-    depth = Image.open(out["depth"])
+        assert getattr(out, key) == str(tmp_path / name)
+    check_framed(out.rgba)
+    depth = Image.open(out.depth)
     assert depth.size == (SIZE, SIZE) and np.asarray(depth).dtype == np.uint16
-    normal = read_image(out["normal"]) * 2 - 1
-    a = read_image(out["rgba"])[..., 3] > 0.5
+    normal = read_image(out.normal) * 2 - 1
+    a = read_image(out.rgba)[..., 3] > 0.5
     assert normal.shape == (SIZE, SIZE, 3)
     assert np.allclose(np.linalg.norm(normal[a], axis=-1), 1.0, atol=0.02)  # unit normals on the object
-    assert isinstance(out["caption"], str) and out["caption"]
-    assert (tmp_path / "teddy_caption.txt").read_text().strip() == out["caption"]
+    assert isinstance(out.caption, str) and out.caption
+    assert (tmp_path / "teddy_caption.txt").read_text().strip() == out.caption
 
     stamps = {p: os.path.getmtime(p) for p in tmp_path.iterdir()}
     t0 = time.perf_counter()
@@ -98,13 +99,13 @@ def test_full_size_photo_framed_without_full_resolution_copies(tmp_path, calls):
     shutil.copy(src, rgba_big)
     cfg = tiny_cfg(depth_type="none", normal_type="none", caption_type="none")
     out = entry.ensure_preprocessed(str(rgba_big), cfg, "cpu")
-    assert calls["mask"] == 0 and set(out) == {"rgba"}  # the photo's alpha is the mask
-    check_framed(out["rgba"])
+    assert calls["mask"] == 0 and (out.mask, out.depth, out.normal, out.caption) == (None, None, None, "")  # the photo's alpha is the mask
+    check_framed(out.rgba)
     # same framing as the datamodule would make from the full-resolution photo
     full = np.asarray(Image.open(src))[..., 3] > 127
     ys, xs = np.nonzero(full)
     aspect = (ys.max() + 1 - ys.min()) / (xs.max() + 1 - xs.min())
-    ours = np.asarray(Image.open(out["rgba"]))[..., 3] > 127
+    ours = np.asarray(Image.open(out.rgba))[..., 3] > 127
     ys2, xs2 = np.nonzero(ours)
     assert abs((ys2.max() + 1 - ys2.min()) / (xs2.max() + 1 - xs2.min()) - aspect) < 0.08
 
@@ -112,8 +113,8 @@ def test_full_size_photo_framed_without_full_resolution_copies(tmp_path, calls):
     Image.open(src).convert("RGB").resize((1211, 808)).save(rgb)
     out = entry.ensure_preprocessed(str(rgb), cfg, "cpu")
     assert calls["mask"] == 1
-    assert Image.open(out["mask"]).size == (256, 171)  # max_side 256, aspect kept
-    assert Image.open(out["rgba"]).size == (SIZE, SIZE)
+    assert Image.open(out.mask).size == (256, 171)  # max_side 256, aspect kept
+    assert Image.open(out.rgba).size == (SIZE, SIZE)
 
 
 def test_hand_given_maps_win(tmp_path, calls):
@@ -131,12 +132,12 @@ def test_hand_given_maps_win(tmp_path, calls):
                    normal_type="none")
     out = entry.ensure_preprocessed(str(tmp_path / "obj.png"), cfg, "cpu")
     assert calls == {"mask": 0, "depth": 0, "caption": 0}
-    assert out["caption"] == "a blue box" and out["normal"] == str(tmp_path / "obj_normal.png")
-    assert np.allclose(read_image(out["normal"]), np.asarray([128, 128, 255]) / 255.0)  # untouched
-    check_framed(out["rgba"])
-    rgba = read_image(out["rgba"])
+    assert out.caption == "a blue box" and out.normal == str(tmp_path / "obj_normal.png")
+    assert np.allclose(read_image(out.normal), np.asarray([128, 128, 255]) / 255.0)  # untouched
+    check_framed(out.rgba)
+    rgba = read_image(out.rgba)
     assert np.allclose(rgba[32, 32, :3], np.array([30, 90, 160]) / 255.0, atol=0.02)
-    d = read_image(out["depth"])[..., 0]  # disparity convention: the given map, framed
+    d = read_image(out.depth)[..., 0]  # disparity convention: the given map, framed
     row = d[SIZE // 2][rgba[SIZE // 2, :, 3] > 0.99]
     assert np.all(np.diff(row) > 0)  # still nearer to the right
     # a file placed by hand in the cache beats the estimator
@@ -144,7 +145,7 @@ def test_hand_given_maps_win(tmp_path, calls):
     shutil.copy(tmp_path / "obj.png", tmp_path / "obj2.png")
     out2 = entry.ensure_preprocessed(str(tmp_path / "obj2.png"), tiny_cfg(mask_path=str(tmp_path / "m.png"),
                                                                          depth_type="none", normal_type="none"), "cpu")
-    assert out2["caption"] == "a hand written caption" and calls["caption"] == 0
+    assert out2.caption == "a hand written caption" and calls["caption"] == 0
 
 
 def test_cache_dir_for_read_only_inputs_and_cli(tmp_path, calls, capsys):
@@ -181,8 +182,8 @@ def test_preprocess_from_config_uses_data_section(tmp_path, calls):
     cfg = OmegaConf.create({"data": {"image_path": str(tmp_path / "g.png"), "prompt": "a green block",
                                      "border_ratio": 0.1, "device": "cpu", "preprocess": pre}})
     out = entry.preprocess_from_config(cfg)
-    assert out["caption"] == "a green block" and calls["caption"] == 0
-    check_framed(out["rgba"], border=0.1)
+    assert out.caption == "a green block" and calls["caption"] == 0
+    check_framed(out.rgba, border=0.1)
     with pytest.raises(entry.It3dError, match="data.image_path"):
         entry.preprocess_from_config(OmegaConf.create({"data": {}}))
 

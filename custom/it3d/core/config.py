@@ -196,6 +196,24 @@ def _build(cls, data: dict):
     return cls(**kwargs)
 
 
+# checks of config sections that belong to a package above the one declaring the field (``data.preprocess``
+# is a datamodule field whose meaning the preprocess package owns): the owner registers the check, the
+# declaring class calls :func:`check_section`, and neither imports the other
+_SECTION_CHECKS: Dict[str, Any] = {}
+
+
+def register_section_check(name: str, check_fn: Any) -> None:
+    """``check_fn(section_owner_config: dict, path: str)`` raises ConfigError for a bad section ``name``."""
+    _SECTION_CHECKS[name] = check_fn
+
+
+def check_section(name: str, owner_cfg: Any, path: str) -> None:
+    """Run the check registered for section ``name`` (none registered: nothing to check)."""
+    fn = _SECTION_CHECKS.get(name)
+    if fn is not None:
+        fn(owner_cfg, path)
+
+
 def validate_component(kind: str, type_name: str, cfg: Any, path: str) -> Any:
     """Check the config of a registered component and of every sub-component it names."""
     try:

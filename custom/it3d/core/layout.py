@@ -6,6 +6,8 @@ each laid out like a single-stage trial::
     configs/parsed.yaml        the resolved config (a staged trial's root holds the root's)
     stage.json                 config fingerprint and attempts (it3d.runner.stage_state)
     stats.json                 wall time and peak memory; marks the stage finished
+    prepared.json              the preprocess stage's record (it3d.core.prepared.PreparedImage); later
+                               stages load it (data.prepared)
     run.lock                   the process running the trial (it3d.core.lock)
     ckpts/last.ckpt, ckpts/epoch=*-step=*.ckpt
     save/                      what the system writes: save/test/turntable.mp4, save/export/, ...
@@ -24,6 +26,7 @@ LAST_CKPT = "last.ckpt"
 LOCK = "run.lock"
 STAGE_STATE = "stage.json"
 STATS = "stats.json"
+PREPARED = "prepared.json"
 PROGRESS = os.path.join("logs", "progress.json")
 TURNTABLE = os.path.join("test", "turntable.mp4")  # inside save/
 
@@ -63,6 +66,10 @@ class StageDir:
     @property
     def lock(self) -> str:
         return self._p(LOCK)
+
+    @property
+    def prepared(self) -> str:
+        return self._p(PREPARED)
 
     # checkpoints
     @property

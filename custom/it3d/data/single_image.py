@@ -3,7 +3,9 @@
 Inputs. ``image_path`` is RGBA, or RGB with ``mask_path``. Depth / normal maps come from
 ``depth_path`` / ``normal_path``, else ``<stem>_depth.png`` / ``<stem>_normal.png`` beside the
 image, else (RealFusion15 layout) ``depth.png`` / ``normal.png`` beside ``rgba.png``, else the
-preprocessing entry point ``it3d.preprocess.entry.ensure_preprocessed``. Depth maps are read as
+preprocessing record (``it3d.core.prepared.PreparedImage``: ``data.prepared``, or handed over by the
+runner as ``prepared_image``). The datamodule never runs preprocessing: the preprocess stage (or the
+runner, before a single-stage run) does, once. Depth maps are read as
 8/16-bit PNG (scaled to [0, 1]) or ``.npy``; ``depth_convention: disparity`` (default; RealFusion15,
 DPT, it3d.testing.scene) means larger = nearer and is negated, so ``batch depth`` is always
 "larger = farther" up to an unknown scale and shift. Normal maps are camera-space RGB
@@ -35,9 +37,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..core import cameras, registry
 from ..core.base import Updateable
-from ..core.config import ConfigError, check, unbounded
+from ..core.config import ConfigError, check, check_section, unbounded
 from ..core.errors import It3dError
-from ..core.image import check_photo_size, find_sibling_map, object_warnings, read_image, recentre, resize
+from ..core.image import check_photo_size, object_warnings, read_image, recentre, resize
+from ..core.prepared import ImageInputs, PreparedImage, sources
 from ..core.typing import Tensor
 from . import random_views as rv
 from .base import BaseDataModule
@@ -59,8 +62,10 @@ class SingleImageDataModule(BaseDataModule, Updateable):
         normal_convention: str = check("opengl", choices=("opengl", "opencv"))
         prompt: str = ""  # overrides caption
         caption: str = ""
-        preprocess: dict = field(default_factory=dict)
+        preprocess: dict = field(default_factory=dict)  # how the preprocess stage makes missing maps / caption
         device: str = "auto"  # the preprocessing estimators' device: auto = the run's (--gpu), filled by launch
+        # the preprocess stage's record (<trial>/preprocess/prepared.json); a staged run's runner fills it
+        prepared: Optional[str] = None
         border_ratio: float = 0.2
         # reference camera
         ref_elevation: float = 0.0
@@ -97,12 +102,7 @@ class SingleImageDataModule(BaseDataModule, Updateable):
     def validate_config(cls, cfg: Any, path: str) -> Any:
         """The datamodule's config and its ``preprocess`` section (estimators included), before any work."""
         parsed = super().validate_config(cfg, path)
-        try:
-            from ..preprocess.config import parse_preprocess_config
-            from ..preprocess.entry import preprocess_config_from_data
-        except ImportError:  # pragma: no cover - preprocessing is part of it3d
-            return parsed
-        parse_preprocess_config(preprocess_config_from_data(dataclasses.asdict(parsed)), f"{path}.preprocess")
+        check_section("preprocess", dataclasses.asdict(parsed), path)  # registered by it3d.preprocess
         return parsed
 
     def configure(self, **kwargs) -> None:
@@ -118,120 +118,60 @@ class SingleImageDataModule(BaseDataModule, Updateable):
         self._planes: Optional[Tensor] = None
         self._ref_cache: Dict[Tuple[int, int], Dict] = {}
         self.caption = ""
+        self.prepared_image: Optional[PreparedImage] = None  # set by the runner before setup, or data.prepared
 
     # ------------------------------------------------------------------ inputs
-    def _find_map(self, kind: str, given: Optional[str]) -> Optional[str]:
-        if given:
-            if not os.path.isfile(given):
-                raise It3dError(f"data.{kind}_path: file not found: {given}")
-            return given
-        return find_sibling_map(self.cfg.image_path, kind)
+    def image_inputs(self) -> ImageInputs:
+        """What this datamodule needs from the photo (the runner preprocesses when the given files lack it)."""
+        c = self.cfg
+        return ImageInputs(c.image_path, c.mask_path, c.depth_path, c.normal_path, c.require_depth, c.require_normal,
+                           c.depth_convention, c.normal_convention, c.prompt or c.caption)
 
-    def _preprocessed(self) -> Dict[str, Any]:
-        if getattr(self, "_pre", None) is not None:
-            return self._pre
-        try:
-            from ..preprocess.entry import ensure_preprocessed
-        except ImportError as e:
-            raise It3dError(f"preprocessing is not available ({e}); give the maps in the config "
-                            f"(data.mask_path / data.depth_path / data.normal_path) or beside the image") from None
-        try:
-            from ..preprocess.entry import preprocess_config_from_data
-
-            pre_cfg = preprocess_config_from_data(dataclasses.asdict(self.cfg))
-        except ImportError:
-            pre_cfg = self.cfg.preprocess
-        device = self.cfg.device
-        if device == "auto":  # not filled by launch (a datamodule built by hand): CUDA when there is one
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._pre = ensure_preprocessed(self.cfg.image_path, pre_cfg, torch.device(device)) or {}
-        return self._pre
-
-    def _need(self, kind: str, given: Optional[str], required: bool) -> Optional[str]:
-        if self._from_pre:  # maps aligned with the preprocessed (framed) RGBA
-            path = self._preprocessed().get(kind)
-            if path is None and required:
-                raise It3dError(f"no {kind} map for {self.cfg.image_path}: preprocessing could not make one; "
-                                f"set data.{kind}_path or enable its estimator in data.preprocess")
-            return path
-        path = self._find_map(kind, given)
-        if path is None and required:
-            how = (f"set data.{kind}_path, put <stem>_{kind}.png beside the image, or enable preprocessing "
-                   f"(data.preprocess)")
-            try:
-                path = self._preprocessed().get(kind)
-            except It3dError as e:
-                raise It3dError(f"no {kind} map for {self.cfg.image_path}: {how} [{e}]") from None
-            if not path:
-                raise It3dError(f"no {kind} map for {self.cfg.image_path} and preprocessing could not make one: {how}")
-        return path
+    def _record(self) -> Optional[PreparedImage]:
+        """The preprocessing record: handed over by the runner, or ``data.prepared`` (loaded, never remade)."""
+        if self.prepared_image is None and self.cfg.prepared:
+            self.prepared_image = PreparedImage.load(self.cfg.prepared)
+        return self.prepared_image
 
     def prepare(self) -> "SingleImageDataModule":
-        """Load and frame the inputs (idempotent); after it ``reference`` and ``caption`` are set."""
+        """Load and frame the inputs (idempotent); after it ``reference`` and ``caption`` are set.
+
+        The files come from :func:`it3d.core.prepared.sources`: the photo and its hand-given maps when they
+        are complete, else the preprocessing record's RGBA and maps."""
         if self._planes is not None:
             return self
         c = self.cfg
-        img = read_image(c.image_path)
-        check_photo_size(img.shape, c.image_path)
-        self._from_pre = False
-        # a map only preprocessing can make comes framed with its own RGBA: then use that frame throughout
-        missing = [k for k, g, req in (("depth", c.depth_path, c.require_depth),
-                                       ("normal", c.normal_path, c.require_normal))
-                   if req and self._find_map(k, g) is None]
-        if img.shape[-1] == 4 and missing:
-            try:
-                pre = self._preprocessed()
-            except It3dError as e:
-                raise It3dError(f"no {missing[0]} map for {c.image_path}: set data.{missing[0]}_path, put "
-                                f"<stem>_{missing[0]}.png beside the image, or enable preprocessing [{e}]") from None
-            img = read_image(pre["rgba"])
-            self._from_pre = True
+        check_photo_size(read_image(c.image_path).shape, c.image_path)
+        src = sources(self.image_inputs(), self._record())
+        img = read_image(src.image)
         if img.shape[-1] == 4:
             rgb, alpha = img[..., :3], img[..., 3:]
         else:
             rgb = img[..., :3] if img.shape[-1] >= 3 else np.repeat(img, 3, -1)
-            mask_path = c.mask_path
-            if mask_path is None:
-                try:
-                    rgba = read_image(self._preprocessed()["rgba"])
-                except (It3dError, KeyError) as e:
-                    raise It3dError(f"{c.image_path} has no alpha channel: set data.mask_path or enable "
-                                    f"preprocessing (data.preprocess) [{e}]") from None
-                rgb, alpha = rgba[..., :3], rgba[..., 3:]
-                self._from_pre = True
-            else:
-                alpha = read_image(mask_path)[..., :1]
+            alpha = read_image(src.mask)[..., :1]
         h, w = rgb.shape[:2]
-        if not self._from_pre:  # preprocessing warned about its own framing already
+        if not src.prepared:  # preprocessing warned about its own framing already
             object_warnings(alpha[..., 0], c.image_path)
         alpha_t = torch.from_numpy(np.ascontiguousarray(alpha)).permute(2, 0, 1)
         if alpha_t.shape[-2:] != (h, w):
             alpha_t = resize(alpha_t, h, w)
         planes = [torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) * alpha_t, alpha_t]
         self._has = {"depth": False, "normal": False}
-        for kind, given, req in (("depth", c.depth_path, c.require_depth), ("normal", c.normal_path, c.require_normal)):
-            path = self._need(kind, given, req)
-            if path is None:
-                continue
+        for kind, path in src.maps.items():
             arr = torch.from_numpy(np.ascontiguousarray(read_image(path))).permute(2, 0, 1)
             arr = arr[:1] if kind == "depth" else arr[:3]
             if arr.shape[-2:] != (h, w):
                 arr = resize(arr, h, w)
-            if kind == "depth" and c.depth_convention == "disparity":
+            if kind == "depth" and src.conventions["depth"] == "disparity":
                 arr = 1.0 - arr  # larger = farther (affine: scale/shift stay unknown)
             if kind == "normal":
                 arr = arr * 2 - 1
-                if c.normal_convention == "opencv":
+                if src.conventions["normal"] == "opencv":
                     arr = arr * torch.tensor([1.0, -1.0, -1.0])[:, None, None]
             planes.append(arr * alpha_t)
             self._has[kind] = True
         self._planes = recentre(torch.cat(planes, 0).float(), alpha_t[0], c.border_ratio)
-        self.caption = c.prompt or c.caption
-        if not self.caption:
-            try:
-                self.caption = str(self._preprocessed().get("caption") or "")
-            except It3dError:
-                self.caption = ""
+        self.caption = src.caption
         return self
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -152,6 +152,10 @@ def reference_from_datamodule(stage_dir: str, size: Tuple[int, int]):
         data["caption"] = "evaluation"  # the caption is not needed: never run the captioner here
     try:
         dm = registry.get("datamodule", str(cfg.get("data_type", "single-image")))(data, path="data")
+        if hasattr(dm, "prepared_image") and not data.get("prepared"):
+            from ..core.prepared import stage_record
+
+            dm.prepared_image = stage_record(stage_dir)  # a single-stage trial keeps its record beside its config
         ref = dm.reference_at(*size) if hasattr(dm, "reference_at") else dm.reference
     except (It3dError, ValueError, KeyError, OSError) as e:
         log.warning(f"evaluation: reference view from the datamodule of {stage_dir} failed ({e}); trying the cache")

@@ -49,8 +49,11 @@ def main(argv=None) -> int:
     except It3dError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
-    for key, val in out.items():
-        print(f"{key}: {val}")
+    import dataclasses
+
+    for key, val in dataclasses.asdict(out).items():
+        if val not in (None, ""):
+            print(f"{key}: {val}")
     return 0
 
 

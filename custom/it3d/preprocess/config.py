@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..core.config import component, validate_dataclass
+from ..core.config import component, register_section_check, validate_dataclass
 
 MAPS = ("mask", "depth", "normal", "caption")
 
@@ -22,7 +22,8 @@ class PreprocessConfig:
     mask_path: Optional[str] = None
     depth_path: Optional[str] = None
     depth_convention: str = "disparity"  # of depth_path: disparity (larger = nearer) | depth
-    normal_path: Optional[str] = None  # camera-space OpenGL (n + 1) / 2
+    normal_path: Optional[str] = None  # camera-space (n + 1) / 2, axes as normal_convention says
+    normal_convention: str = "opengl"  # of normal_path: opengl (y up, z to the viewer) | opencv; framed as given
     caption: str = ""
     # estimators ("none" disables one); each entry is the estimator's own config
     mask_type: str = component("estimator", "sam-mask")
@@ -44,6 +45,18 @@ def parse_preprocess_config(cfg: Any, path: str = "data.preprocess") -> Preproce
         raise ConfigError(f"{path}.border_ratio must be in [0, 1), got {parsed.border_ratio}")
     if parsed.depth_convention not in ("disparity", "depth"):
         raise ConfigError(f"{path}.depth_convention must be disparity or depth, got '{parsed.depth_convention}'")
+    if parsed.normal_convention not in ("opengl", "opencv"):
+        raise ConfigError(f"{path}.normal_convention must be opengl or opencv, got '{parsed.normal_convention}'")
     if parsed.size < 8 or parsed.max_side < 8:
         raise ConfigError(f"{path}.size and {path}.max_side must be at least 8")
     return parsed
+
+
+def _check_data_preprocess(data: Any, path: str) -> None:
+    """``data.preprocess`` of a single-image datamodule (completed with its hand-given inputs), estimators included."""
+    from .entry import preprocess_config_from_data
+
+    parse_preprocess_config(preprocess_config_from_data(data), f"{path}.preprocess")
+
+
+register_section_check("preprocess", _check_data_preprocess)

@@ -29,12 +29,14 @@ from ..core.base import build
 from ..core.errors import It3dError
 from ..core.image import find_sibling_map, object_warnings, read_image, read_photo
 from ..core import progress
+from ..core.layout import StageDir
+from ..core.prepared import PreparedImage
 from . import maps
 from .config import PreprocessConfig, parse_preprocess_config
 from .mask import NoObjectError, blank_photo
 
 log = logging.getLogger("it3d")
-DATA_KEYS = ("mask_path", "depth_path", "normal_path", "border_ratio", "depth_convention")
+DATA_KEYS = ("mask_path", "depth_path", "normal_path", "border_ratio", "depth_convention", "normal_convention")
 
 
 def output_paths(image_path: str, cache_dir: Optional[str] = None) -> Dict[str, str]:
@@ -182,9 +184,10 @@ def _estimator_key(c: PreprocessConfig, name: str) -> Any:
     return type_name, dataclasses.asdict(parse_structured(get("estimator", type_name).Config, raw))
 
 
-def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -> Dict[str, Any]:
-    """Make (or find) the maps of ``image_path``; returns ``rgba``, ``depth``, ``normal`` (paths),
-    ``caption`` (str) and ``mask`` (path, when a mask was estimated) -- the ones that could be made."""
+def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -> PreparedImage:
+    """Make (or find) the maps of ``image_path``; returns the typed record (:class:`it3d.core.prepared.PreparedImage`):
+    ``rgba``, ``depth``, ``normal`` (paths; None for a map that could not be made), ``caption``, ``mask`` (the
+    estimated mask, when one was estimated) and the framing."""
     c = cfg if isinstance(cfg, PreprocessConfig) else parse_preprocess_config(cfg)
     device = torch.device(device if c.device == "auto" else c.device)
     if os.path.isdir(image_path):
@@ -251,7 +254,15 @@ def ensure_preprocessed(image_path: str, cfg: Any = None, device: Any = "cpu") -
     if r.written:
         folder = os.path.dirname(r.paths["rgba"])
         log.info(f"preprocessed {image_path}: made {', '.join(sorted(r.written))} in {folder}")
-    return out
+    # a hand-given normal map is framed as given (its axes are data.normal_convention); estimated ones are OpenGL
+    normal_conv = c.normal_convention if c.normal_path and out.get("normal") else "opengl"
+    def path(key: str) -> Optional[str]:
+        return os.path.abspath(out[key]) if out.get(key) else None
+
+    return PreparedImage(source=os.path.abspath(image_path), rgba=path("rgba"), size=c.size,
+                         border_ratio=c.border_ratio, mask=path("mask"), depth=path("depth"),
+                         normal=path("normal"), caption=str(out.get("caption") or ""),
+                         depth_convention="disparity", normal_convention=normal_conv)
 
 
 def check_not_blank(photo: np.ndarray, path: str) -> None:
@@ -312,22 +323,64 @@ def preprocess_config_from_data(data_cfg: Any) -> Dict[str, Any]:
     return pre
 
 
-def preprocess_from_config(root_cfg: Any, device: Any = None) -> Dict[str, Any]:
+def preprocess_from_config(root_cfg: Any, device: Any = None) -> PreparedImage:
     """``launch.py --preprocess`` and a staged run's preprocess stage: preprocess ``data.image_path`` with
-    ``data.preprocess`` on ``device`` (the run's, from ``--gpu``; else ``data.device``, else the CPU)."""
+    ``data.preprocess`` on ``device`` (the run's, from ``--gpu``; else ``data.device``, else the CPU).
+    The record is written to ``<trial_dir>/prepared.json`` when the config has a trial dir: the later
+    stages load it (``data.prepared``) instead of preprocessing again."""
     data = root_cfg.get("data") or {}
     image = data.get("image_path")
     if not image or image == "???":
         raise It3dError("preprocessing needs data.image_path (set it in the YAML or data.image_path=photo.png)")
-    device = device or data.get("device") or (root_cfg.get("system") or {}).get("device") or "cpu"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     stage_dir = root_cfg.get("trial_dir")  # a staged run's preprocess stage: report to its progress file
     prog = progress.ProgressFile(str(stage_dir)) if stage_dir and os.path.isdir(str(stage_dir)) else None
     if prog is not None:
         prog.phase("preprocess")
     with progress.reporting(prog):
-        out = ensure_preprocessed(str(image), preprocess_config_from_data(data), device)
-    for k, v in out.items():
-        log.info(f"  {k}: {v}")
-    return out
+        record = ensure_preprocessed(str(image), preprocess_config_from_data(data), _device(root_cfg, device))
+    for k, v in dataclasses.asdict(record).items():
+        if v:
+            log.info(f"  {k}: {v}")
+    if stage_dir:
+        record.save(StageDir(str(stage_dir)).prepared)
+    return record
+
+
+def _device(root_cfg: Any, device: Any = None) -> torch.device:
+    """The estimators' device: the run's (``--gpu``), else ``data.device``, else ``system.device``; auto = CUDA
+    when there is one."""
+    data = root_cfg.get("data") or {}
+    device = device or data.get("device") or (root_cfg.get("system") or {}).get("device") or "cpu"
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def prepare_for_stage(inputs: Any, data_cfg: Any, stage_dir: str, reuse: bool) -> Optional[PreparedImage]:
+    """The record a single-stage run's datamodule loads (the runner calls this; datamodules never do).
+
+    None when the given files are enough (``it3d.core.prepared.needs_preprocessing``: the photo has alpha
+    or a mask, every required map is given, the caption is given). Else preprocessing runs once and its
+    record is written to ``<stage_dir>/prepared.json`` (estimators on ``data.device``); with ``reuse`` (a resumed run, --test, --export)
+    an existing record there is loaded instead."""
+    from ..core.prepared import needs_preprocessing
+
+    lacking = needs_preprocessing(inputs)
+    if not lacking:
+        return None
+    path = StageDir(stage_dir).prepared
+    if reuse and os.path.isfile(path):
+        return PreparedImage.load(path)
+    try:
+        record = ensure_preprocessed(inputs.image_path, preprocess_config_from_data(data_cfg),
+                                     _device({"data": data_cfg}))
+    except It3dError as e:
+        if lacking != ["caption"]:
+            raise
+        # only the caption was missing: the run goes on without one, as it always has, but says so
+        log.warning(f"no caption for {inputs.image_path} ({str(e).splitlines()[0]}); prompts use an empty caption: "
+                    f"set data.prompt=... to give one")
+        return None
+    os.makedirs(stage_dir, exist_ok=True)
+    record.save(path)
+    return record

@@ -169,11 +169,12 @@ def fill_device(cfg: DictConfig, device: str) -> None:
     if isinstance(node, DictConfig) and node.get("device", "auto") == "auto":
         node.device = device
     node = cfg.get("data")
-    if isinstance(node, DictConfig) and node.get("device", "auto") == "auto" and _has_device_field(cfg):
+    if isinstance(node, DictConfig) and node.get("device", "auto") == "auto" and datamodule_has_field(cfg, "device"):
         node.device = device
 
 
-def _has_device_field(cfg: DictConfig) -> bool:
+def datamodule_has_field(cfg: DictConfig, name: str) -> bool:
+    """Whether the config's datamodule type declares ``data.<name>`` (single-image ones: device, prepared)."""
     import dataclasses
 
     from ..core import registry
@@ -183,7 +184,7 @@ def _has_device_field(cfg: DictConfig) -> bool:
     except Exception:  # noqa: BLE001 - an unknown type fails validation with its own message
         return False
     config = getattr(cls, "Config", None)
-    return dataclasses.is_dataclass(config) and any(f.name == "device" for f in dataclasses.fields(config))
+    return dataclasses.is_dataclass(config) and any(f.name == name for f in dataclasses.fields(config))
 
 
 def resume_checkpoint(resume: str) -> str:
@@ -357,14 +358,31 @@ def checkpoint_callback(parsed: ExperimentConfig, trial_dir: str):
     return ModelCheckpoint(dirpath=StageDir(trial_dir).ckpts, **ckpt_kwargs)
 
 
-def build_components(cfg: DictConfig, parsed: ExperimentConfig, trial_dir: str, resumed: bool, **system_kwargs):
+def build_components(cfg: DictConfig, parsed: ExperimentConfig, trial_dir: str, resumed: bool,
+                     reuse_prepared: bool = False, **system_kwargs):
+    """The stage's datamodule (with its preprocessing record, see :func:`attach_prepared`) and system."""
     from ..core import registry
 
     dm = registry.get("datamodule", parsed.data_type)(cfg.get("data", {}), path="data")
+    attach_prepared(dm, cfg, trial_dir, reuse=reuse_prepared or resumed)
     system = registry.get("system", parsed.system_type)(cfg.get("system", {}), resumed=resumed,
                                                         save_dir=os.path.join(trial_dir, "save"), path="system",
                                                         **system_kwargs)
     return dm, system
+
+
+def attach_prepared(dm: Any, cfg: DictConfig, trial_dir: str, reuse: bool) -> None:
+    """Preprocessing for a single-image datamodule happens here, in the runner, at most once per stage.
+
+    A staged run's stages load the preprocess stage's record (``data.prepared``, filled by the pipeline);
+    otherwise, when the given files lack something (no alpha and no mask, a required map, the caption),
+    preprocessing runs now and its record is kept as ``<trial_dir>/prepared.json`` (``reuse``: a resumed
+    run, --test and --export load that file instead)."""
+    if not hasattr(dm, "image_inputs") or dm.cfg.prepared:
+        return
+    from ..preprocess.entry import prepare_for_stage
+
+    dm.prepared_image = prepare_for_stage(dm.image_inputs(), cfg.get("data"), trial_dir, reuse)
 
 
 def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, callbacks: Optional[list] = None,
@@ -381,7 +399,8 @@ def run_stage(cfg: DictConfig, parsed: ExperimentConfig, mode: str, dev: dict, c
     if mode == "train":
         check_weights(parsed, resumed=resume is not None)
         write_configs(cfg, trial_dir)
-    dm, system = build_components(cfg, parsed, trial_dir, resumed=resume is not None, **system_kwargs)
+    dm, system = build_components(cfg, parsed, trial_dir, resumed=resume is not None,
+                                  reuse_prepared=mode != "train", **system_kwargs)
     trainer = build_trainer(parsed, trial_dir, dev, callbacks, precision=mixed_precision(system, parsed, dev))
     log.info(f"trial dir: {trial_dir}")
     phase = mode

@@ -20,6 +20,10 @@ is cleared, garbage collected and, on CUDA, the allocator's cache emptied), so t
 from an empty GPU.
 Stages live in ``<trial>/<name>/`` and refer to earlier ones with ``${stage_dirs.<name>}``.
 
+Preprocessing happens once, in the ``run: preprocess`` stage: it writes its record
+(``<trial>/<preprocess>/prepared.json``, :class:`it3d.core.prepared.PreparedImage`) and every later
+stage whose datamodule takes one gets ``data.prepared`` pointing at it, so no stage preprocesses again.
+
 A stage is finished when ``<stage dir>/stats.json`` exists (written last, with its wall time over
 every attempt and its peak memory; see :mod:`.stage_state`). Re-running on the same trial dir
 (``trial_dir=...`` or ``resume=<trial dir>``) skips finished stages and resumes the interrupted one
@@ -160,6 +164,12 @@ def build_stage_config(cfg: DictConfig, spec: StageSpec, trial_dir: str, specs: 
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     scfg.trial_dir = os.path.join(trial_dir, spec.name)
     scfg.stage_dirs = {s.name: os.path.join(trial_dir, s.name) for s in specs}
+    prepared_by = [s.name for s in specs[:specs.index(spec)] if s.run == "preprocess"]
+    if spec.run == "lightning" and prepared_by and not OmegaConf.select(scfg, "data.prepared", default=None):
+        from .cli import datamodule_has_field
+
+        if datamodule_has_field(scfg, "prepared"):  # the stage loads the preprocess stage's record
+            scfg.data.prepared = StageDir(os.path.join(trial_dir, prepared_by[-1])).prepared
     scfg.resume = None
     scfg.stages = []
     scfg.stage = {}

@@ -21,8 +21,11 @@ from ..core.layout import StageDir
 
 
 def load_stage(stage_dir: Optional[str] = None, device="cpu", config_path: Optional[str] = None,
-               ckpt_path: Optional[str] = None, build_guidance: bool = False) -> Tuple[object, object]:
-    """``stage_dir`` (its configs/parsed.yaml + newest readable checkpoint), or explicit ``config_path`` + ``ckpt_path``."""
+               ckpt_path: Optional[str] = None, build_guidance: bool = False,
+               datamodule: bool = True) -> Tuple[object, object]:
+    """``stage_dir`` (its configs/parsed.yaml + newest readable checkpoint), or explicit ``config_path`` + ``ckpt_path``.
+    ``datamodule=False``: the system only (``(system, None)``), as the refine stage loads the coarse one: it takes
+    its reference from its own datamodule, so the coarse stage's is never built."""
     if stage_dir is None and not (config_path and ckpt_path):
         raise It3dError("load_stage: give a stage dir, or both config_path and ckpt_path")
     cfg_path = config_path or StageDir(stage_dir).parsed_config
@@ -42,7 +45,7 @@ def load_stage(stage_dir: Optional[str] = None, device="cpu", config_path: Optio
     device = torch.device(device)
     cfg.system.device = str(device)
     parsed = validate_experiment(cfg)
-    dm = registry.get("datamodule", parsed.data_type)(cfg.get("data", {}), path="data")
+    dm = registry.get("datamodule", parsed.data_type)(cfg.get("data", {}), path="data") if datamodule else None
     system = registry.get("system", parsed.system_type)(cfg.get("system", {}), resumed=True,
                                                         save_dir=os.path.join(stage_dir, "save"), path="system",
                                                         **({} if build_guidance else {"build_guidance": False}))
@@ -54,6 +57,10 @@ def load_stage(stage_dir: Optional[str] = None, device="cpu", config_path: Optio
     system._fallback_step = int(state.get("global_step", 0))
     system.do_update_step(0, system._fallback_step, on_load_weights=True)
     system.to(device).eval()
+    if hasattr(dm, "prepared_image") and not dm.cfg.prepared:
+        from ..core.prepared import stage_record
+
+        dm.prepared_image = stage_record(stage_dir)  # a single-stage trial keeps its record beside its config
     if hasattr(dm, "prepare"):
         dm.prepare()
     return system, dm

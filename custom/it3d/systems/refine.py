@@ -68,12 +68,12 @@ def load_coarse(stage_dir: Optional[str], config: Optional[str], ckpt: Optional[
     if stage_dir:
         if not os.path.isdir(stage_dir):
             raise It3dError(f"system.coarse_stage_dir: not a directory: {stage_dir}")
-        return loading.load_stage(stage_dir, device)
+        return loading.load_stage(stage_dir, device, datamodule=False)
     if config or ckpt:
         if not (config and ckpt):
             raise ConfigError("system.coarse_config and system.coarse_ckpt must be given together "
                               "(or give system.coarse_stage_dir)")
-        return loading.load_stage(None, device, config_path=config, ckpt_path=ckpt)
+        return loading.load_stage(None, device, config_path=config, ckpt_path=ckpt, datamodule=False)
 
 
 @registry.register("refine", kind="system")
