@@ -192,8 +192,21 @@ def test_cli_and_guards(tmp_path, capsys):
     assert cli.main(args[:4] + ["--out", str(tmp_path / "out2"), "--names", "zz"]) == 1
     assert cli.main(args + ["--bogus"]) == 2
     # the old runner is an alias; its home-made scheduling flags say what replaced them
-    assert runner.main(args + ["--shard", "1/2"]) == 2 and "--shard was removed: Ray" in capsys.readouterr().err
-    assert runner.main(args + ["--gpus", "0,1"]) == 2 and "num_gpus=1" in capsys.readouterr().err
+    assert alias(args + ["--shard", "1/2"]) == 2 and "--shard was removed: Ray" in capsys.readouterr().err
+    assert alias(args + ["--gpus", "0,1"]) == 2 and "num_gpus=1" in capsys.readouterr().err
+
+
+def alias(argv):
+    """``python -m it3d.eval.runner <argv>``, run in this process (the module's ``__main__`` block)."""
+    import runpy
+    import sys
+    from unittest import mock
+
+    with mock.patch.object(sys, "argv", ["it3d.eval.runner"] + list(argv)), mock.patch.dict(sys.modules), \
+            pytest.raises(SystemExit) as e:
+        sys.modules.pop("it3d.eval.runner", None)  # as a fresh `python -m` finds it: not imported yet
+        runpy.run_module("it3d.eval.runner", run_name="__main__", alter_sys=False)
+    return e.value.code
 
 
 # ----------------------------------------------------------------------------- headless Chromium

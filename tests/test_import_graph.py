@@ -24,6 +24,7 @@ class Edge(NamedTuple):
     dst: str  # imported module or package, dotted
     in_function: bool
     where: str  # file:line
+    entry: bool = False  # in an entry script: a ``__main__.py`` or an ``if __name__ == "__main__":`` block
 
 
 def module_name(path: str) -> str:
@@ -38,11 +39,18 @@ def imports_of(path: str) -> List[Edge]:
     edges: List[Edge] = []
     where = os.path.relpath(path, os.path.dirname(os.path.dirname(ROOT)))
 
-    def visit(node: ast.AST, in_function: bool) -> None:
+    def is_main_guard(node: ast.AST) -> bool:
+        t = node.test if isinstance(node, ast.If) else None
+        return (isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__"
+                and len(t.comparators) == 1 and isinstance(t.comparators[0], ast.Constant)
+                and t.comparators[0].value == "__main__")
+
+    def visit(node: ast.AST, in_function: bool, entry: bool) -> None:
         for child in ast.iter_child_nodes(node):
             inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            in_entry = entry or is_main_guard(child)
             if isinstance(child, ast.Import):
-                edges.extend(Edge(mod, a.name, inner, f"{where}:{child.lineno}") for a in child.names
+                edges.extend(Edge(mod, a.name, inner, f"{where}:{child.lineno}", entry) for a in child.names
                              if a.name.split(".")[0] == "it3d")
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
@@ -55,10 +63,10 @@ def imports_of(path: str) -> List[Edge]:
                         sub = os.path.join(os.path.dirname(ROOT), *target.split("."), a.name)
                         is_module = os.path.isdir(sub) or os.path.isfile(sub + ".py")
                         edges.append(Edge(mod, f"{target}.{a.name}" if is_module else target, inner,
-                                          f"{where}:{child.lineno}"))
-            visit(child, inner)
+                                          f"{where}:{child.lineno}", entry))
+            visit(child, inner, in_entry)
 
-    visit(ast.parse(open(path, encoding="utf-8").read(), path), False)
+    visit(ast.parse(open(path, encoding="utf-8").read(), path), False, os.path.basename(path) == "__main__.py")
     return list(dict.fromkeys(edges))  # "from .x import a, b": one edge
 
 
@@ -76,10 +84,12 @@ def package(mod: str) -> str:
 
 
 def package_graph(edges: List[Edge], module_level_only: bool = False) -> Dict[str, Set[str]]:
+    """Package -> the packages it imports. Entry scripts (``__main__.py``, ``if __name__ == "__main__":``
+    blocks) are left out: they run only as the top of a process, like launch.py, and no import reaches them."""
     graph: Dict[str, Set[str]] = {}
     for e in edges:
         a, b = package(e.src), package(e.dst)
-        if a != b and "it3d" not in (a, b) and not (module_level_only and e.in_function):
+        if a != b and "it3d" not in (a, b) and not e.entry and not (module_level_only and e.in_function):
             graph.setdefault(a, set()).add(b)
     return graph
 
@@ -142,6 +152,27 @@ def test_reader_resolves_relative_and_function_level_imports(tmp_path, monkeypat
     g = package_graph(imports_of(str(pkg / "single.py")))
     assert g == {"data": {"core", "eval", "preprocess"}}
     assert package_graph(imports_of(str(pkg / "single.py")), module_level_only=True) == {"data": {"core", "eval"}}
+
+
+def test_reader_marks_entry_script_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "it3d" / "eval"
+    pkg.mkdir(parents=True)
+    (tmp_path / "it3d" / "batch").mkdir()
+    (tmp_path / "it3d" / "batch" / "cli.py").write_text("")
+    (pkg / "metrics.py").write_text("")
+    (pkg / "runner.py").write_text("from . import metrics\nif __name__ == '__main__':\n"
+                                   "    from it3d.batch import cli\n")
+    (pkg / "__main__.py").write_text("from it3d.batch import cli\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path / "it3d"))
+    got = imports_of(str(pkg / "runner.py")) + imports_of(str(pkg / "__main__.py"))
+    assert sorted((e.dst, e.entry) for e in got) == [("it3d.batch.cli", True), ("it3d.batch.cli", True),
+                                                     ("it3d.eval.metrics", False)]
+    assert package_graph(got) == {}
+
+
+def test_no_package_cycle_at_all(edges):
+    """Issue 12's goal: no import cycle among all packages (runner, systems, eval, batch, app included)."""
+    assert cycles(package_graph(edges)) == []
 
 
 def test_cycle_finder():

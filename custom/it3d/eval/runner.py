@@ -9,8 +9,8 @@ stage's turntable / exports through ``after_train``), evaluates the renders
 ``done.json``. Inputs use the RealFusion15 layout: ``<inputs>/<name>/rgba.png`` (depth.png /
 normal.png optional); the inputs folder is only read.
 
-Scheduling lives in :mod:`it3d.batch` (Ray). ``python -m it3d.eval.runner ...`` is an alias of
-``python -m it3d.batch ...``.
+Scheduling lives in :mod:`it3d.batch` (Ray), which imports this module. ``python -m it3d.eval.runner ...``
+is an alias of ``python -m it3d.batch ...``: only its ``__main__`` block imports the batch package.
 """
 from __future__ import annotations
 
@@ -308,12 +308,7 @@ def check_out_dir(bc: BenchConfig) -> None:
         io.write_text(p, json.dumps(meta, indent=1))
 
 
-def main(argv=None) -> int:
-    """``python -m it3d.eval.runner``: the same as ``python -m it3d.batch`` (one scheduler)."""
-    from ..batch.cli import main as batch_main
+if __name__ == "__main__":  # ``python -m it3d.eval.runner``: the same as ``python -m it3d.batch`` (one scheduler)
+    from it3d.batch.cli import main as batch_main  # an entry script's import: it3d.eval itself never imports batch
 
-    return batch_main(argv, prog="python -m it3d.eval.runner")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(batch_main(prog="python -m it3d.eval.runner"))
