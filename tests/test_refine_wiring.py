@@ -53,7 +53,7 @@ def test_guidance_sees_the_novel_render_and_the_loss_is_the_sum_of_its_terms(ref
     assert novel.any() and geo.is_ref.any()
     with torch.no_grad():
         geo.descriptors[novel, :3] += delta  # only the novel points' colours move away from their initial ones
-    system._fallback_step = 0
+    system.set_step(0)
     batch = dm.train_batch(3)
     total = system.step_losses(batch)
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_reference_backward_first_same_losses_and_gradients_lower_peak(refine, m
     system, dm = refine
     logged = {True: {}, False: {}}
     batch = dm.train_batch(5)
-    system._fallback_step = 5
+    system.set_step(5)
     results = {}
     for split in (False, True, False, True):  # twice each: allocator warm-up does not decide it
         monkeypatch.setattr(system, "log", lambda k, v, **kw: logged[split].__setitem__(k, float(v)))
@@ -138,7 +138,7 @@ def test_refine_step_makes_no_host_sync(refine, monkeypatch):
     monkeypatch.setattr(system.renderer, "sample_buffers", CompactionBuffers(1.5, "point fragments", "left out",
                                                                              "fragment_capacity_margin"))
     for step in range(3):
-        system._fallback_step = step
+        system.set_step(step)
         batch = dm.train_batch(step)
         with count_syncs() as c:
             system.step_losses(batch, backward=lambda loss: loss.backward())

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..core import cameras
 from ..core import io, registry
-from ..core.base import Updateable, build
+from ..core.base import Updateable
 from ..core.config import ConfigError, component, terms
 from ..core.layout import TURNTABLE
 from ..core.typing import Float, Tensor
@@ -110,22 +110,10 @@ class CoarseSystem(BaseSystem):
         c = self.cfg
         if c.ref_mode not in ("mixed", "always"):
             raise ConfigError(f"system.ref_mode must be 'mixed' or 'always', got '{c.ref_mode}'")
-        self.geometry = build("geometry", c.geometry_type, c.geometry, path="system.geometry")
-        self.material = build("material", c.material_type, c.material, path="system.material")
-        self.background = build("background", c.background_type, c.background, path="system.background")
-        self.renderer = build("renderer", c.renderer_type, c.renderer, path="system.renderer", geometry=self.geometry,
-                              material=self.material, background=self.background)
-        self.losses, self.loss_weights = self.build_terms("loss", c.loss, "system.loss", geometry=self.geometry)
-        guidance, self.guidance_weights = ({}, {}) if not build_guidance else \
-            self.build_terms("guidance", c.guidance, "system.guidance", device=self.run_device)
-        # frozen pretrained models stay out of the module tree (and out of checkpoints)
-        self.__dict__["guidance"] = dict(guidance)
+        self.build_parts()  # geometry, material, background, renderer
+        self.build_losses(geometry=self.geometry)
+        self.build_guidance(build_guidance)
         self._test_frames: List = []
-
-    @property
-    def run_device(self) -> torch.device:
-        d = self.cfg.device
-        return torch.device("cuda" if d == "auto" and torch.cuda.is_available() else ("cpu" if d == "auto" else d))
 
     # ------------------------------------------------------------------ hooks
     def _datamodule(self):
@@ -299,5 +287,4 @@ class CoarseSystem(BaseSystem):
         self.export()
 
     def export(self) -> Dict[str, str]:
-        exporter = build("exporter", self.cfg.exporter_type, self.cfg.exporter, path="system.exporter")
-        return exporter.export(self, self.get_save_path("export/mesh"))
+        return self.build_part("exporter", "exporter").export(self, self.get_save_path("export/mesh"))

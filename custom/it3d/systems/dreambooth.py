@@ -171,8 +171,6 @@ class DreamBoothSystem(BaseSystem):
         c = self.cfg
         if c.save_dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"system.save_dtype must be auto, fp32, fp16 or bf16, got '{c.save_dtype}'")
-        dev = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.run_device = torch.device(dev)
         name, key = c.pretrained_model_name_or_path, "system.pretrained_model_name_or_path"
         self.tokenizer = hub.load(AutoTokenizer, name, subfolder="tokenizer", config_key=key)
         # trained copies: never the hub's shared cached instances

@@ -53,12 +53,6 @@ class RefineLoss:
     lambda_white_bg: Any = schedule(1000.0)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_coarse(stage_dir: Optional[str], config: Optional[str], ckpt: Optional[str], device: torch.device):
     """The coarse stage as ``it3d.systems.loading.load_stage`` returns it, or None when none is configured."""
     if not (stage_dir or config or ckpt):
@@ -102,13 +96,8 @@ class RefineSystem(BaseSystem):
     def configure(self, coarse: Any = None, build_guidance: bool = True, **kwargs) -> None:
         """``coarse``: an already loaded coarse system (the pipeline may share its load; tests pass a stand-in);
         ``build_guidance=False`` (load_stage): no guidance models, for rendering and export only."""
-        self.run_device = resolve_device(self.cfg.device)
-        self.geometry = registry.get("geometry", self.cfg.geometry_type)(self.cfg.geometry, path="system.geometry")
-        self.renderer = registry.get("renderer", self.cfg.renderer_type)(self.cfg.renderer, path="system.renderer",
-                                                                         geometry=self.geometry)
-        mods, self.guidance_weights = self.build_terms("guidance", self.cfg.guidance if build_guidance else {},
-                                                       "system.guidance", device=self.run_device)
-        self.guidance = dict(mods.items())  # plain dict: pretrained models stay out of the checkpoint
+        self.build_parts()  # geometry, renderer
+        self.build_guidance(build_guidance)
         self._coarse = [coarse]  # a list: the coarse system must not become a sub-module (checkpoint)
         self.automatic_optimization = False  # training_step back-propagates the reference view first
 
@@ -129,8 +118,7 @@ class RefineSystem(BaseSystem):
         return {**dm.reference, "caption": getattr(dm, "caption", "")}
 
     def build_point_cloud(self, reference: Dict[str, Any]) -> None:
-        builder = registry.get("builder", self.cfg.builder_type)(self.cfg.builder, path="system.builder",
-                                                                 device=self.run_device)
+        builder = self.build_part("builder", "builder", device=self.run_device)
         coarse = self.coarse
         if coarse is None and getattr(builder, "needs_coarse", True):
             raise ConfigError(f"builder '{self.cfg.builder_type}' needs the coarse stage: set system.coarse_stage_dir "
@@ -317,7 +305,7 @@ class RefineSystem(BaseSystem):
             name = getattr(self.cfg, type_field)
             if name in (None, "", "none"):
                 continue
-            exporter = registry.get("exporter", name)(getattr(self.cfg, cfg_field), path=f"system.{cfg_field}")
+            exporter = self.build_part("exporter", cfg_field)
             for k, p in exporter.export(self, self.get_save_path(target)).items():
                 written[f"{cfg_field}.{k}"] = p
                 log.info(f"export: {p}")
