@@ -100,7 +100,7 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
         return hasattr(self.cfg, f"{part}_type")
 
     def build_part(self, kind: str, part: str, **kwargs) -> Any:
-        """The registered ``kind`` named by ``cfg.<part>_type``, configured by ``cfg.<part>`` (path ``system.<part>``)."""
+        """The registered ``kind`` named by ``cfg.<part>_type``, configured by ``cfg.<part>`` (``system.<part>``)."""
         return build(kind, getattr(self.cfg, f"{part}_type"), getattr(self.cfg, part), path=f"system.{part}", **kwargs)
 
     def build_parts(self) -> Dict[str, Any]:
