@@ -9,8 +9,8 @@
   (:meth:`BaseSystem.build_losses`), each a dict of ``{name: {type, weight, ...}}`` summed as
   ``weight * term`` by :func:`it3d.losses.weighted_terms` (a term whose weight is 0 is never computed;
   one whose weight is the constant 0 is not even built);
-* one log-key scheme: ``train/<term>`` for every term's unweighted value, ``train/<term>/<key>`` for a
-  guidance term's extras, ``train/loss`` for the weighted sum;
+* one log-key scheme (:meth:`BaseSystem.log_terms`): ``train/<term>`` for every term's unweighted value,
+  ``train/<term>/<key>`` for a term's extras, ``train/loss`` for the weighted sum;
 * the step: :attr:`BaseSystem.true_global_step` is the trainer's step in a fit, else
   :attr:`BaseSystem.resumed_step` (the loaded checkpoint's step, or what :meth:`BaseSystem.set_step` set);
 * saving helpers, step updates for every Updateable child, the optimizer from config."""
@@ -156,6 +156,15 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
         if torch.is_tensor(value):
             return value.detach()
         return torch.full((), float(value), device=self.device)
+
+    def log_terms(self, values: Dict[str, Any], total: Optional[Any] = None) -> None:
+        """A training step's logs in the key scheme every system shares: ``train/<term>`` (a term's unweighted
+        value), ``train/<term>/<key>`` (a term's extras), then ``train/loss`` (the weighted sum, on the progress
+        bar). Values stay device tensors (:meth:`device_scalar`: no host sync)."""
+        for key, value in values.items():
+            self.log(f"train/{key}", self.device_scalar(value), batch_size=1)
+        if total is not None:
+            self.log("train/loss", self.device_scalar(total), prog_bar=True, batch_size=1)
 
     def C(self, value: Any) -> float:
         return C(value, self.true_global_step)

@@ -199,7 +199,7 @@ class CoarseSystem(BaseSystem):
     def _loss_terms(self, out: Dict, ref: Dict, view: str, suffix: str, logs: Dict):
         total, vals = weighted_terms(self.losses, self.loss_weights, self.true_global_step,
                                      lambda n, m: m(out, ref), skip=lambda n, m: not m.applies_to(view))
-        logs.update({f"train/{k}{suffix}": v for k, v in vals.items()})
+        logs.update({f"{k}{suffix}": v for k, v in vals.items()})
         return total
 
     def training_step(self, batch: Dict, batch_idx: int):
@@ -228,19 +228,17 @@ class CoarseSystem(BaseSystem):
                 res = g(out["comp_rgb"], gbatch, step)
                 for k, v in res.items():  # logged as tensors: float(v) would wait for the device every step
                     if k != "loss" and (torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))):
-                        logs[f"train/{name}/{k}"] = v.detach().float().reshape(()) if torch.is_tensor(v) else v
+                        logs[f"{name}/{k}"] = v.detach().float().reshape(()) if torch.is_tensor(v) else v
                 return res["loss"]
 
             gtotal, gvals = weighted_terms(self.guidance, self.guidance_weights, step, call)
-            logs.update({f"train/{k}": v for k, v in gvals.items()})
+            logs.update(gvals)
             parts.append(gtotal)
         parts = [p for p in parts if p is not None]
         if not parts:
             return None
         total = sum(parts)
-        logs["train/loss"] = total
-        for k, v in logs.items():
-            self.log(k, self.device_scalar(v), prog_bar=k == "train/loss", batch_size=1)
+        self.log_terms(logs, total)
         return total
 
     # ------------------------------------------------------------------ evaluation

@@ -326,13 +326,12 @@ class DreamBoothSystem(BaseSystem):
             images.append(ci)
             prompts.append(self.class_prompt)
         losses = self.diffusion_loss(torch.cat(images), prompts)
-        loss = losses[0]
-        self.log("train/instance", losses[0], prog_bar=True)
+        loss, logs = losses[0], {"instance": losses[0]}
         if len(losses) > 1:
-            loss = loss + self.cfg.prior_loss_weight * losses[1:].mean()
-            self.log("train/prior", losses[1:].mean())
-        self.log("train/loss", loss)
-        self.log("train/modality", float(entry_at(schedule, step)))
+            logs["prior"] = losses[1:].mean()
+            loss = loss + self.cfg.prior_loss_weight * logs["prior"]
+        logs["modality"] = float(entry_at(schedule, step))
+        self.log_terms(logs, loss)
         self.history.append((step, modality, prompt))
         return loss
 

@@ -256,10 +256,8 @@ class RefineSystem(BaseSystem):
             logs.update(gvals)
         for name, values in seen.items():  # an `any` term: the mean over the step's renders
             logs[name] = sum(values) / n_views if self.losses[name].cfg.view == "any" else values[0]
-        for name, v in logs.items():  # one key scheme with the coarse system: train/<term>, train/loss
-            self.log(f"train/{name}", v.detach())
         total = total if total is not None else torch.zeros((), device=self.device)
-        self.log("train/loss", total.detach(), prog_bar=True)
+        self.log_terms(logs, total)  # train/<term>, train/<name>/<key>, train/loss
         return total
 
     # ------------------------------------------------------------------ validation / test
