@@ -67,7 +67,7 @@ def test_coarse_training_step_syncs_are_bounded_and_none_in_the_nerf(system_and_
     seen = {"ref": 0, "novel": 0, "update": 0}
     for step in range(12):
         batch = dm.train_batch(step)
-        system._fallback_step = step
+        system.set_step(step)
         with count_syncs() as upd:
             system.do_update_step(0, step)
         with count_syncs() as c:

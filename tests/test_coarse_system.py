@@ -72,7 +72,7 @@ def test_training_step_routes_ref_and_novel_views(system_and_dm):
     steps = {s: dm.train_batch(s)["use_ref"] for s in range(40)}
     s_ref = next(s for s, u in steps.items() if u)
     s_novel = next(s for s, u in steps.items() if not u)
-    system._fallback_step = s_novel
+    system.set_step(s_novel)
     loss = system.training_step(dm.train_batch(s_novel), 0)
     b = dm.train_batch(s_novel)["random"]
     assert CALLS["guide"][-1][:2] == ((1, 12, 12, 3), "albedo") and CALLS["guide"][-1][2] == float(b["azimuth"][0])
@@ -80,13 +80,13 @@ def test_training_step_routes_ref_and_novel_views(system_and_dm):
     loss.backward()
     assert system.geometry.encoding.params.grad.abs().sum() > 0
     logged.clear()
-    system._fallback_step = s_ref
+    system.set_step(s_ref)
     system.training_step(dm.train_batch(s_ref), 0)
     assert {"train/ref-rgb", "train/mask", "train/depth-pearson", "train/loss"} <= set(logged)
     assert "train/g" not in logged and "train/sparsity" in logged  # the stage config's regulariser
     # the counting term has weight 0 until step 1000: never called
     assert CALLS["loss"] == 0
-    system._fallback_step = 1500
+    system.set_step(1500)
     system.training_step(dm.train_batch(s_ref), 0)
     assert CALLS["loss"] == 1
 

@@ -78,7 +78,7 @@ def test_reference_and_novel_views_get_a_random_background(built, monkeypatch):
                                                                                real_rgb(out, ref))[1])
     calls = spy_renderer(system, monkeypatch)
     s = step_of_kind(dm, True)
-    system._fallback_step = s
+    system.set_step(s)
     batch = dm.train_batch(s)
     system.training_step(batch, 0)
     out, ref = seen_ref[-1]
@@ -93,7 +93,7 @@ def test_reference_and_novel_views_get_a_random_background(built, monkeypatch):
     assert outside.any() and torch.allclose(ref["rgb"][0][outside], bg.expand(int(outside.sum()), 3), atol=1e-6)
 
     s2 = step_of_kind(dm, False)
-    system._fallback_step = s2
+    system.set_step(s2)
     system.training_step(dm.train_batch(s2), 0)
     novel_bg = calls[-1][1]["comp_rgb_bg"][0, 0, 0]
     assert not torch.allclose(novel_bg, torch.ones(3)) and not torch.allclose(novel_bg, bg)
@@ -109,7 +109,7 @@ def test_normals_are_rendered_exactly_while_a_normal_regulariser_is_on(built, mo
     logged = {}
     monkeypatch.setattr(system, "log", lambda k, v, **kw: logged.__setitem__(k, v))
     s = step_of_kind(dm, True)
-    system._fallback_step = s
+    system.set_step(s)
     system.training_step(dm.train_batch(s), 0)
     assert calls[-1][0]["output_normal"] is True and "sample_normal" in calls[-1][1]
     for name in ("orient", "normal-smooth-3d", "sparsity", "entropy"):
@@ -150,7 +150,7 @@ def test_normal_renders_are_camera_space_on_the_modality_background(built, monke
     for k in ("albedo", "lambertian", "textureless"):
         monkeypatch.setitem(system.material.cfg.shading_probs, k, 0.0)
     s = step_of_kind(dm, False)
-    system._fallback_step = s
+    system.set_step(s)
     batch = dm.train_batch(s)
     size = 24
     view = {**batch["random"]}

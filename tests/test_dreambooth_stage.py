@@ -209,7 +209,7 @@ def test_each_prompt_trains_on_its_own_modality_with_the_prior_term(tmp_path, mo
     for a in imgs:  # four different images: a prompt paired with the wrong one would show
         assert all(not torch.allclose(imgs[a], imgs[b]) for b in imgs if b != a), a
     for step in range(dm.total_steps):
-        system._fallback_step = step
+        system.set_step(step)
         loss = system.training_step(batch, 0)
         modality, prompt, _ = schedule[entry_at(schedule, step)]
         images, prompts = calls[-1]

@@ -91,8 +91,11 @@ def check_refine_common(r):
     assert s["geometry"] == {"descriptor_dim": 19, "init_std": 1.0}
     assert s["optimizer"]["args"]["lr"] == 0.001 and {g["lr"] for g in s["optimizer"]["params"].values()} == {0.001}
     assert s["scheduler"] == {"name": "decay", "args": {"factor": 0.1, "steps": 1000}}
-    assert s["loss"] == {"lambda_ref_rgb": 1000, "lambda_color_ref": 1e5, "lambda_color_novel": 1000,
-                         "lambda_white_bg": 1000}
+    # registered terms at the official weights; ref_rgb over the whole image, white_bg the mean over the views
+    assert s["loss"] == {"ref_rgb": {"type": "ref-rgb", "weight": 1000, "masked": False},
+                         "white_bg": {"type": "white-bg", "weight": 1000, "view": "any"},
+                         "color_ref": {"type": "color-reg", "weight": 1e5, "points": "ref"},
+                         "color_novel": {"type": "color-reg", "weight": 1000, "points": "novel"}}
     assert r["data"]["heights"] == [800] and r["data"]["fovy_range"] == [60, 60]
     assert s["renderer"]["num_scales"] == 3 and s["renderer"]["points_per_pixel"] == 8
 

@@ -53,7 +53,7 @@ def test_guidance_sees_the_novel_render_and_the_loss_is_the_sum_of_its_terms(ref
     assert novel.any() and geo.is_ref.any()
     with torch.no_grad():
         geo.descriptors[novel, :3] += delta  # only the novel points' colours move away from their initial ones
-    system._fallback_step = 0
+    system.set_step(0)
     batch = dm.train_batch(3)
     total = system.step_losses(batch)
     with torch.no_grad():
@@ -68,11 +68,11 @@ def test_guidance_sees_the_novel_render_and_the_loss_is_the_sum_of_its_terms(ref
     # white background: the mean of the two views' terms, and it is part of the total
     bg = float((white_bg(out_ref) + white_bg(out_novel)) / 2)
     assert bg > 1e-3 and logged["train/white_bg"] == pytest.approx(bg, rel=1e-4)
-    L = system.cfg.loss
+    W = {name: entry["weight"] for name, entry in system.cfg.loss.items()}
     ref_l1 = float(F.l1_loss(out_ref["comp_rgb"], batch["ref"]["rgb"]))
     guide = float((out_novel["comp_rgb"] - 0.25).abs().mean())
-    expected = (L.lambda_ref_rgb * ref_l1 + 2.0 * guide + L.lambda_white_bg * bg
-                + L.lambda_color_novel * 3 * delta ** 2)
+    expected = (W["ref_rgb"] * ref_l1 + 2.0 * guide + W["white_bg"] * bg
+                + W["color_novel"] * 3 * delta ** 2)
     assert float(total) == pytest.approx(expected, rel=1e-4)
 
 
@@ -113,7 +113,7 @@ def test_reference_backward_first_same_losses_and_gradients_lower_peak(refine, m
     system, dm = refine
     logged = {True: {}, False: {}}
     batch = dm.train_batch(5)
-    system._fallback_step = 5
+    system.set_step(5)
     results = {}
     for split in (False, True, False, True):  # twice each: allocator warm-up does not decide it
         monkeypatch.setattr(system, "log", lambda k, v, **kw: logged[split].__setitem__(k, float(v)))
@@ -138,8 +138,69 @@ def test_refine_step_makes_no_host_sync(refine, monkeypatch):
     monkeypatch.setattr(system.renderer, "sample_buffers", CompactionBuffers(1.5, "point fragments", "left out",
                                                                              "fragment_capacity_margin"))
     for step in range(3):
-        system._fallback_step = step
+        system.set_step(step)
         batch = dm.train_batch(step)
         with count_syncs() as c:
             system.step_losses(batch, backward=lambda loss: loss.backward())
         assert c.count == 0 and c.uploads == 0, c.report()
+
+
+def test_refine_losses_are_registered_terms_and_each_reaches_the_total(refine, monkeypatch):
+    """The refine objective is the ``loss`` dict of registered terms (issue 12): every term's logged value,
+    weighted, is part of ``train/loss`` (hand-summed with the guidance, it is the total), and a term whose
+    weight is 0 at the step is never called."""
+    from it3d.core import registry
+    from it3d.core.base import BaseLoss
+
+    system, dm = refine
+    assert list(system.losses) == ["ref_rgb", "white_bg", "color_ref", "color_novel"]
+    for name, entry in system.cfg.loss.items():
+        term = system.losses[name]
+        assert isinstance(term, BaseLoss) and type(term) is registry.get("loss", entry["type"])
+        assert system.loss_weights[name] == entry["weight"]
+    geo = system.geometry
+    saved = geo.descriptors.detach().clone()
+    logged = {}
+    monkeypatch.setattr(system, "log", lambda k, v, **kw: logged.__setitem__(k, float(v)))
+    try:
+        with torch.no_grad():  # every point's colour moves: both colour regularisers are non-zero
+            geo.descriptors[:, :3] += 0.05
+        system.set_step(2)
+        system.step_losses(dm.train_batch(2), backward=lambda loss: loss.backward())
+        system.zero_grad(set_to_none=True)
+        parts = {f"loss.{n}": system.loss_weights[n] * logged[f"train/{n}"] for n in system.losses}
+        parts.update({f"guidance.{n}": system.guidance_weights[n] * logged[f"train/{n}"] for n in system.guidance})
+        total = logged["train/loss"]
+        assert sum(parts.values()) == pytest.approx(total, rel=2e-6)
+        for name, value in parts.items():  # each term weighs enough that leaving it out would show
+            assert value > 1e-4 * total, (name, value, total)
+
+        called = []
+        monkeypatch.setattr(system.losses["color_ref"], "forward", lambda out, ref: called.append(1))
+        monkeypatch.setitem(system.loss_weights, "color_ref", [[0, 0.0], [10, 0.0], [10, 1e5]])  # 0 at step 2
+        logged.clear()
+        system.step_losses(dm.train_batch(2))
+        assert not called and "train/color_ref" not in logged and "train/color_novel" in logged
+    finally:
+        with torch.no_grad():
+            geo.descriptors.copy_(saved)
+
+
+def test_an_old_refine_config_names_the_new_loss_spelling():
+    """A trial written before issue 12 (``system.loss.lambda_*``) fails with the registered entries to write."""
+    from it3d.core import registry
+    from it3d.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"system\.loss\.lambda_white_bg: .*white_bg: \{type: white-bg"):
+        registry.get("system", "refine").validate_config({"loss": {"lambda_white_bg": 1000.0}}, "system")
+
+
+@pytest.mark.parametrize("weight", [-1.0, [[0, 1000.0], [10, -1.0]]])
+def test_a_negative_term_weight_fails_at_parse(weight):
+    """Term weights are >= 0, as the refine ``lambda_*`` keys were (a schedule: every value)."""
+    from it3d.core import registry
+    from it3d.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"system\.loss\.white_bg\.weight must be >= 0"):
+        registry.get("system", "refine").validate_config({"loss": {"white_bg": {"type": "white-bg", "weight": weight}}},
+                                                         "system")

@@ -87,6 +87,50 @@ class RefRGBLoss(_Term):
         return diff.mean()
 
 
+@registry.register("white-bg", kind="loss")
+class WhiteBackgroundLoss(_Term):
+    """The refine stage's white-background regulariser: the L1 distance to white of the pixels the render
+    does not cover, ``mean((1 - opacity) * |1 - comp_rgb|)`` over all pixels. The refine system averages a
+    ``view: any`` term over the step's renders (reference and, with guidance, novel)."""
+
+    @dataclass
+    class Config(_Term.Config):
+        view: str = "any"
+
+    def forward(self, out: Dict, ref: Dict) -> Tensor:
+        return ((1.0 - out["opacity"]) * (1.0 - out["comp_rgb"]).abs()).mean()
+
+
+@registry.register("color-reg", kind="loss")
+class PointColorLoss(_Term):
+    """The refine stage's colour regulariser (Make-It-3D / Customize-It-3D refine): the squared distance of
+    each point descriptor's RGB channels to the point's initial colour, summed over RGB and averaged over
+    the reference points (``points: ref``) or the novel points (``points: novel``); 0 when there are none.
+    Reads the point-cloud geometry given at construction (``geometry=``: ``descriptors``, ``init_colors``,
+    ``is_ref``), not the render; the refine system computes it with the reference view's terms."""
+
+    @dataclass
+    class Config(_Term.Config):
+        points: str = "ref"  # ref | novel
+
+    def configure(self, geometry: Any = None, **kwargs) -> None:
+        super().configure(**kwargs)
+        if self.cfg.points not in ("ref", "novel"):
+            raise ConfigError(f"loss 'color-reg': points must be ref or novel, got '{self.cfg.points}'")
+        if geometry is None or not all(hasattr(geometry, k) for k in ("descriptors", "init_colors", "is_ref")):
+            raise ConfigError("loss 'color-reg' needs a point-cloud geometry (descriptors, init_colors, is_ref), "
+                              "given by the system that builds it (geometry=)")
+        self._geometry = [geometry]  # a list: the geometry belongs to the system, not to this term
+
+    def forward(self, out: Dict, ref: Dict) -> Tensor:
+        geo = self._geometry[0]
+        err = ((geo.descriptors[:, :3] - geo.init_colors) ** 2).sum(-1)
+        m = geo.is_ref.to(err.dtype)  # means by 0/1 weights: no `.any()` / boolean index (host syncs)
+        if self.cfg.points == "novel":
+            m = 1.0 - m
+        return (err * m).sum() / m.sum().clamp_min(1.0)
+
+
 @registry.register("mask", kind="loss")
 class MaskLoss(_Term):
     """Rendered opacity vs the reference mask: ``mse`` or ``bce``."""

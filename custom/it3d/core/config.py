@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import registry
 from .errors import ConfigError, It3dError  # noqa: F401  (ConfigError is re-exported)
-from .ranges import check, check_dataclass, unbounded  # noqa: F401  (field helpers, re-exported)
+from .ranges import check, check_dataclass, check_value, rule_for, unbounded  # noqa: F401  (field helpers)
 from .registry import suggest
 from .resolvers import register_resolvers
 from .schedule import C, check_schedule  # noqa: F401  (re-exported)
@@ -243,6 +243,7 @@ def validate_dataclass(config_cls, cfg: Any, path: str) -> Any:
                     continue
                 type_name, weight, rest = split_term(name, entry, _join(path, f.name))
                 check_schedule(weight, _join(path, f"{f.name}.{name}.weight"))
+                check_value(weight, rule_for("weight"), _join(path, f"{f.name}.{name}.weight"))  # >= 0
                 validate_component(tkind, type_name, rest, _join(path, f"{f.name}.{name}"))
     return parsed
 

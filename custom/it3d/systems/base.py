@@ -1,6 +1,19 @@
-"""Base system: a LightningModule built from a strict Config, with saving helpers,
-step updates for every Updateable child, optimizer construction from config, and
-weighted terms (losses / guidance) evaluated with schedules."""
+"""Base system: a LightningModule built from a strict Config. What every system shares lives here:
+
+* the device, resolved once (:attr:`BaseSystem.run_device`: ``device: auto`` = CUDA when available,
+  else the CPU) -- where pretrained models are loaded;
+* building the parts the subclass's Config declares: ``<part>_type`` + ``<part>`` fields
+  (:meth:`BaseSystem.build_part`, :meth:`BaseSystem.build_parts` for geometry / material / background
+  / renderer), the ``guidance`` terms (:meth:`BaseSystem.build_guidance`, kept in a plain dict so
+  pretrained models stay out of checkpoints) and the registered ``loss`` terms
+  (:meth:`BaseSystem.build_losses`), each a dict of ``{name: {type, weight, ...}}`` summed as
+  ``weight * term`` by :func:`it3d.losses.weighted_terms` (a term whose weight is 0 is never computed;
+  one whose weight is the constant 0 is not even built);
+* one log-key scheme (:meth:`BaseSystem.log_terms`): ``train/<term>`` for every term's unweighted value,
+  ``train/<term>/<key>`` for a term's extras, ``train/loss`` for the weighted sum;
+* the step: :attr:`BaseSystem.true_global_step` is the trainer's step in a fit, else
+  :attr:`BaseSystem.resumed_step` (the loaded checkpoint's step, or what :meth:`BaseSystem.set_step` set);
+* saving helpers, step updates for every Updateable child, the optimizer from config."""
 from __future__ import annotations
 
 import os
@@ -11,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 
 from ..core import io, registry
-from ..core.base import Configurable, Updateable
+from ..core.base import Configurable, Updateable, build
 from ..core.config import C, ConfigError, parse_structured, split_term, validate_dataclass
 from ..core.errors import It3dError
 from ..core.typing import Tensor
@@ -37,6 +50,18 @@ def optimizer_class(name: str):
     raise ConfigError(f"system.optimizer.name: unknown optimizer '{name}'{registry.suggest(name, known)}")
 
 
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``system.device`` -> a device: ``auto`` (or empty) = CUDA when available, else the CPU."""
+    if name in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# the parts a system may declare (``<part>_type`` + ``<part>`` in its Config), in the order they are built;
+# the renderer is given the others that were built
+PARTS = ("geometry", "material", "background", "renderer")
+
+
 class BaseSystem(pl.LightningModule, Configurable, Updateable):
     @dataclass
     class Config:
@@ -51,7 +76,8 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
         super().__init__()
         self.cfg = parse_structured(self.Config, cfg, path)
         self._save_dir = save_dir
-        self.resumed = resumed
+        self.resumed = resumed  # built to continue a checkpoint (resume, load_stage): don't initialise from scratch
+        self.resumed_step = 0  # the step outside a fit: the loaded checkpoint's global_step (set_step)
         self.configure(**kwargs)
         if self.cfg.weights is not None and not resumed:
             self.load_weights(self.cfg.weights, self.cfg.weights_ignore_modules)
@@ -62,6 +88,43 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
 
     def configure(self, **kwargs) -> None:
         pass
+
+    # ------------------------------------------------------------------ device / parts
+    @property
+    def run_device(self) -> torch.device:
+        """Where the system runs and its pretrained models load (``system.device``; ``auto``: CUDA if available)."""
+        return resolve_device(self.cfg.device)
+
+    def declares(self, part: str) -> bool:
+        """Whether the Config has a ``<part>_type`` field (a system without a renderer has none)."""
+        return hasattr(self.cfg, f"{part}_type")
+
+    def build_part(self, kind: str, part: str, **kwargs) -> Any:
+        """The registered ``kind`` named by ``cfg.<part>_type``, configured by ``cfg.<part>`` (``system.<part>``)."""
+        return build(kind, getattr(self.cfg, f"{part}_type"), getattr(self.cfg, part), path=f"system.{part}", **kwargs)
+
+    def build_parts(self) -> Dict[str, Any]:
+        """Geometry, material, background and renderer -- those the Config declares, in that order, set as
+        attributes of the same names; the renderer is built with the others (``geometry=``, ...)."""
+        parts: Dict[str, Any] = {}
+        for part in PARTS:
+            if self.declares(part):
+                parts[part] = self.build_part(part, part, **(parts if part == "renderer" else {}))
+                setattr(self, part, parts[part])
+        return parts
+
+    def build_guidance(self, enabled: bool = True) -> None:
+        """``self.guidance`` (name -> module, a plain dict: frozen pretrained models stay out of the module tree
+        and the checkpoints) and ``self.guidance_weights`` from ``cfg.guidance``, loaded on :attr:`run_device`;
+        ``enabled=False`` (rendering / export only): none."""
+        mods, self.guidance_weights = self.build_terms("guidance", self.cfg.guidance if enabled else {},
+                                                       "system.guidance", device=self.run_device)
+        self.__dict__["guidance"] = dict(mods)
+
+    def build_losses(self, **kwargs) -> None:
+        """``self.losses`` (a ModuleDict of registered ``loss`` terms) and ``self.loss_weights`` from ``cfg.loss``;
+        ``kwargs`` go to every term (``geometry=``)."""
+        self.losses, self.loss_weights = self.build_terms("loss", self.cfg.loss, "system.loss", **kwargs)
 
     # ------------------------------------------------------------------ weights / step
     def load_weights(self, path: str, ignore_modules: Optional[List[str]] = None) -> None:
@@ -94,15 +157,29 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
             return value.detach()
         return torch.full((), float(value), device=self.device)
 
+    def log_terms(self, values: Dict[str, Any], total: Optional[Any] = None) -> None:
+        """A training step's logs in the key scheme every system shares: ``train/<term>`` (a term's unweighted
+        value), ``train/<term>/<key>`` (a term's extras), then ``train/loss`` (the weighted sum, on the progress
+        bar). Values stay device tensors (:meth:`device_scalar`: no host sync)."""
+        for key, value in values.items():
+            self.log(f"train/{key}", self.device_scalar(value), batch_size=1)
+        if total is not None:
+            self.log("train/loss", self.device_scalar(total), prog_bar=True, batch_size=1)
+
     def C(self, value: Any) -> float:
         return C(value, self.true_global_step)
 
     @property
     def true_global_step(self) -> int:
+        """The trainer's global step during a fit / validate / test / predict, else :attr:`resumed_step`."""
         try:
             return int(self.trainer.global_step)
         except RuntimeError:
-            return int(getattr(self, "_fallback_step", 0))
+            return int(self.resumed_step)
+
+    def set_step(self, step: int) -> None:
+        """The step schedules are read at outside a trainer (a stage loaded from its checkpoint, a test)."""
+        self.resumed_step = int(step)
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
@@ -143,9 +220,6 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": scfg.get("interval", "step")}}
 
     # ------------------------------------------------------------------ saving
-    def set_save_dir(self, path: str) -> None:
-        self._save_dir = path
-
     @property
     def save_dir(self) -> str:
         if self._save_dir is None:

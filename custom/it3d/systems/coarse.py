@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..core import cameras
 from ..core import io, registry
-from ..core.base import Updateable, build
+from ..core.base import Updateable
 from ..core.config import ConfigError, component, terms
 from ..core.layout import TURNTABLE
 from ..core.typing import Float, Tensor
@@ -110,22 +110,10 @@ class CoarseSystem(BaseSystem):
         c = self.cfg
         if c.ref_mode not in ("mixed", "always"):
             raise ConfigError(f"system.ref_mode must be 'mixed' or 'always', got '{c.ref_mode}'")
-        self.geometry = build("geometry", c.geometry_type, c.geometry, path="system.geometry")
-        self.material = build("material", c.material_type, c.material, path="system.material")
-        self.background = build("background", c.background_type, c.background, path="system.background")
-        self.renderer = build("renderer", c.renderer_type, c.renderer, path="system.renderer", geometry=self.geometry,
-                              material=self.material, background=self.background)
-        self.losses, self.loss_weights = self.build_terms("loss", c.loss, "system.loss", geometry=self.geometry)
-        guidance, self.guidance_weights = ({}, {}) if not build_guidance else \
-            self.build_terms("guidance", c.guidance, "system.guidance", device=self.run_device)
-        # frozen pretrained models stay out of the module tree (and out of checkpoints)
-        self.__dict__["guidance"] = dict(guidance)
+        self.build_parts()  # geometry, material, background, renderer
+        self.build_losses(geometry=self.geometry)
+        self.build_guidance(build_guidance)
         self._test_frames: List = []
-
-    @property
-    def run_device(self) -> torch.device:
-        d = self.cfg.device
-        return torch.device("cuda" if d == "auto" and torch.cuda.is_available() else ("cpu" if d == "auto" else d))
 
     # ------------------------------------------------------------------ hooks
     def _datamodule(self):
@@ -211,7 +199,7 @@ class CoarseSystem(BaseSystem):
     def _loss_terms(self, out: Dict, ref: Dict, view: str, suffix: str, logs: Dict):
         total, vals = weighted_terms(self.losses, self.loss_weights, self.true_global_step,
                                      lambda n, m: m(out, ref), skip=lambda n, m: not m.applies_to(view))
-        logs.update({f"train/{k}{suffix}": v for k, v in vals.items()})
+        logs.update({f"{k}{suffix}": v for k, v in vals.items()})
         return total
 
     def training_step(self, batch: Dict, batch_idx: int):
@@ -240,19 +228,17 @@ class CoarseSystem(BaseSystem):
                 res = g(out["comp_rgb"], gbatch, step)
                 for k, v in res.items():  # logged as tensors: float(v) would wait for the device every step
                     if k != "loss" and (torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))):
-                        logs[f"train/{name}/{k}"] = v.detach().float().reshape(()) if torch.is_tensor(v) else v
+                        logs[f"{name}/{k}"] = v.detach().float().reshape(()) if torch.is_tensor(v) else v
                 return res["loss"]
 
             gtotal, gvals = weighted_terms(self.guidance, self.guidance_weights, step, call)
-            logs.update({f"train/{k}": v for k, v in gvals.items()})
+            logs.update(gvals)
             parts.append(gtotal)
         parts = [p for p in parts if p is not None]
         if not parts:
             return None
         total = sum(parts)
-        logs["train/loss"] = total
-        for k, v in logs.items():
-            self.log(k, self.device_scalar(v), prog_bar=k == "train/loss", batch_size=1)
+        self.log_terms(logs, total)
         return total
 
     # ------------------------------------------------------------------ evaluation
@@ -299,5 +285,4 @@ class CoarseSystem(BaseSystem):
         self.export()
 
     def export(self) -> Dict[str, str]:
-        exporter = build("exporter", self.cfg.exporter_type, self.cfg.exporter, path="system.exporter")
-        return exporter.export(self, self.get_save_path("export/mesh"))
+        return self.build_part("exporter", "exporter").export(self, self.get_save_path("export/mesh"))

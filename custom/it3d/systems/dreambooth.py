@@ -171,8 +171,6 @@ class DreamBoothSystem(BaseSystem):
         c = self.cfg
         if c.save_dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"system.save_dtype must be auto, fp32, fp16 or bf16, got '{c.save_dtype}'")
-        dev = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.run_device = torch.device(dev)
         name, key = c.pretrained_model_name_or_path, "system.pretrained_model_name_or_path"
         self.tokenizer = hub.load(AutoTokenizer, name, subfolder="tokenizer", config_key=key)
         # trained copies: never the hub's shared cached instances
@@ -328,13 +326,12 @@ class DreamBoothSystem(BaseSystem):
             images.append(ci)
             prompts.append(self.class_prompt)
         losses = self.diffusion_loss(torch.cat(images), prompts)
-        loss = losses[0]
-        self.log("train/instance", losses[0], prog_bar=True)
+        loss, logs = losses[0], {"instance": losses[0]}
         if len(losses) > 1:
-            loss = loss + self.cfg.prior_loss_weight * losses[1:].mean()
-            self.log("train/prior", losses[1:].mean())
-        self.log("train/loss", loss)
-        self.log("train/modality", float(entry_at(schedule, step)))
+            logs["prior"] = losses[1:].mean()
+            loss = loss + self.cfg.prior_loss_weight * logs["prior"]
+        logs["modality"] = float(entry_at(schedule, step))
+        self.log_terms(logs, loss)
         self.history.append((step, modality, prompt))
         return loss
 

@@ -54,8 +54,8 @@ def load_stage(stage_dir: Optional[str] = None, device="cpu", config_path: Optio
     if unexpected or [k for k in missing if not k.startswith("guidance")]:
         raise It3dError(f"load_stage: {ckpt_path} does not match the config's system "
                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-    system._fallback_step = int(state.get("global_step", 0))
-    system.do_update_step(0, system._fallback_step, on_load_weights=True)
+    system.set_step(int(state.get("global_step", 0)))
+    system.do_update_step(0, system.resumed_step, on_load_weights=True)
     system.to(device).eval()
     if hasattr(dm, "prepared_image") and not dm.cfg.prepared:
         from ..core.prepared import stage_record

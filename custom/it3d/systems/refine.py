@@ -1,20 +1,24 @@
 """Refine stage (Make-It-3D sec 3.3 + B.2, Customize-It-3D sec 3.3 + A.2): a point cloud with
 neural descriptors, rendered by the deferred point renderer and trained with
 
-* a reference-view L1 loss against the masked reference (the reference image composited on
-  white, over the whole image) -- ``loss.lambda_ref_rgb`` (1000);
 * the guidance terms (``guidance``: ``{name: {type, weight, ...}}``) on novel views
   (``batch["random"]``);
-* a colour regulariser: mean squared distance of each descriptor's RGB channels to the point's
-  initial colour, averaged separately over reference points (``lambda_color_ref``, 1e5) and
-  novel points (``lambda_color_novel``, 1e3);
-* a white-background regulariser: L1 distance to white of the pixels outside the rasterizer's
-  occupancy mask, averaged over all pixels, in the reference and the novel views
-  (``lambda_white_bg``).
+* the registered loss terms of ``loss`` (``{name: {type, weight, view, ...}}``, as the coarse system's;
+  the stage config spells the papers' four): a reference-view L1 against the masked reference (the
+  reference image composited on white, over the whole image: ``ref_rgb``, type ``ref-rgb`` with
+  ``masked: false``, 1000); the colour regulariser -- mean squared distance of each descriptor's RGB
+  channels to the point's initial colour -- over reference points (``color_ref``, type ``color-reg``,
+  1e5) and novel points (``color_novel``, 1e3); the white-background regulariser -- L1 distance to white
+  of the pixels outside the rasterizer's occupancy mask, averaged over all pixels, in the reference and
+  the novel views (``white_bg``, type ``white-bg``, 1000).
 
-A step (manual optimisation) back-propagates the reference view's terms before it renders the novel
-view, so one 800 px render graph is alive at a time instead of two (same gradients; Lightning's
-``trainer.gradient_clip_val`` / ``accumulate_grad_batches`` do not apply to manual optimisation).
+A term's ``view`` says which part of the step computes it: ``ref`` terms with the reference render
+(``color-reg`` reads the geometry, not the render: it is a ``ref`` term), ``random`` terms with the novel
+render (only when a guidance term is on), ``any`` terms with both, averaged over the step's renders. A
+term whose weight is 0 at the step is never computed. A step (manual optimisation) back-propagates the
+reference part before it renders the novel view, so one 800 px render graph is alive at a time instead
+of two (same gradients; Lightning's ``trainer.gradient_clip_val`` / ``accumulate_grad_batches`` do not
+apply to manual optimisation).
 
 Start-up (``fit`` without a checkpoint): the coarse stage (``coarse_stage_dir``, or
 ``coarse_config`` + ``coarse_ckpt``) is loaded, the builder turns it and the datamodule's
@@ -33,30 +37,24 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..core import hub, io, registry
-from ..core.config import ConfigError, component, schedule, terms
+from ..core.config import ConfigError, component, terms
 from ..core.errors import It3dError
 from ..core.layout import TURNTABLE
 from ..core.typing import Float, Tensor
+from ..losses import weighted_terms
 from .base import BaseSystem
 
 log = logging.getLogger("it3d")
 
-
-@dataclass
-class RefineLoss:
-    lambda_ref_rgb: Any = schedule(1000.0)
-    lambda_color_ref: Any = schedule(1e5)
-    lambda_color_novel: Any = schedule(1e3)
-    lambda_white_bg: Any = schedule(1000.0)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+# the loss keys of configs written before the refine losses became registered terms -> the entry that replaces each
+LEGACY_LOSS_KEYS = {
+    "lambda_ref_rgb": "ref_rgb: {type: ref-rgb, weight: <w>, masked: false}",
+    "lambda_white_bg": "white_bg: {type: white-bg, weight: <w>, view: any}",
+    "lambda_color_ref": "color_ref: {type: color-reg, weight: <w>, points: ref}",
+    "lambda_color_novel": "color_novel: {type: color-reg, weight: <w>, points: novel}",
+}
 
 
 def load_coarse(stage_dir: Optional[str], config: Optional[str], ckpt: Optional[str], device: torch.device):
@@ -90,7 +88,7 @@ class RefineSystem(BaseSystem):
         renderer_type: str = component("renderer", "point-deferred")
         renderer: dict = field(default_factory=dict)
         guidance: dict = terms("guidance")
-        loss: RefineLoss = field(default_factory=RefineLoss)
+        loss: dict = terms("loss")
         point_exporter_type: str = component("exporter", "refined-point-cloud")
         point_exporter: dict = field(default_factory=dict)
         mesh_exporter_type: str = component("exporter", "refined-mesh")
@@ -99,16 +97,22 @@ class RefineSystem(BaseSystem):
 
     cfg: Config
 
+    @classmethod
+    def validate_config(cls, cfg: Any, path: str) -> Any:
+        loss = cfg.get("loss") if hasattr(cfg, "get") else None
+        old = [k for k in loss.keys() if k in LEGACY_LOSS_KEYS] if hasattr(loss, "keys") else []
+        if old:
+            raise ConfigError(f"{path}.loss.{old[0]}: the refine losses are registered loss terms now; write "
+                              + "; ".join(LEGACY_LOSS_KEYS[k] for k in old) + f" under {path}.loss "
+                              "(configs/stages/refine.yaml has the papers' values)")
+        return super().validate_config(cfg, path)
+
     def configure(self, coarse: Any = None, build_guidance: bool = True, **kwargs) -> None:
         """``coarse``: an already loaded coarse system (the pipeline may share its load; tests pass a stand-in);
         ``build_guidance=False`` (load_stage): no guidance models, for rendering and export only."""
-        self.run_device = resolve_device(self.cfg.device)
-        self.geometry = registry.get("geometry", self.cfg.geometry_type)(self.cfg.geometry, path="system.geometry")
-        self.renderer = registry.get("renderer", self.cfg.renderer_type)(self.cfg.renderer, path="system.renderer",
-                                                                         geometry=self.geometry)
-        mods, self.guidance_weights = self.build_terms("guidance", self.cfg.guidance if build_guidance else {},
-                                                       "system.guidance", device=self.run_device)
-        self.guidance = dict(mods.items())  # plain dict: pretrained models stay out of the checkpoint
+        self.build_parts()  # geometry, renderer
+        self.build_losses(geometry=self.geometry)
+        self.build_guidance(build_guidance)
         self._coarse = [coarse]  # a list: the coarse system must not become a sub-module (checkpoint)
         self.automatic_optimization = False  # training_step back-propagates the reference view first
 
@@ -129,8 +133,7 @@ class RefineSystem(BaseSystem):
         return {**dm.reference, "caption": getattr(dm, "caption", "")}
 
     def build_point_cloud(self, reference: Dict[str, Any]) -> None:
-        builder = registry.get("builder", self.cfg.builder_type)(self.cfg.builder, path="system.builder",
-                                                                 device=self.run_device)
+        builder = self.build_part("builder", "builder", device=self.run_device)
         coarse = self.coarse
         if coarse is None and getattr(builder, "needs_coarse", True):
             raise ConfigError(f"builder '{self.cfg.builder_type}' needs the coarse stage: set system.coarse_stage_dir "
@@ -177,17 +180,6 @@ class RefineSystem(BaseSystem):
                              bg_color=bg_color)
 
     # ------------------------------------------------------------------ losses
-    @staticmethod
-    def white_bg_loss(out: Dict[str, Any]) -> Tensor:
-        return ((1.0 - out["opacity"]) * (1.0 - out["comp_rgb"]).abs()).mean()
-
-    def color_reg_loss(self):
-        geo = self.geometry
-        err = ((geo.descriptors[:, :3] - geo.init_colors) ** 2).sum(-1)
-        ref = geo.is_ref.to(err.dtype)  # means over each kind by weights: no `.any()` / boolean index (host syncs)
-        nov = 1.0 - ref
-        return (err * ref).sum() / ref.sum().clamp_min(1.0), (err * nov).sum() / nov.sum().clamp_min(1.0)
-
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
         """One optimiser step (manual optimisation): the reference view's losses are back-propagated
         before the novel view is rendered, so only one 800 px render graph is alive at a time."""
@@ -205,62 +197,67 @@ class RefineSystem(BaseSystem):
             if cfg.interval == "epoch":
                 cfg.scheduler.step()
 
-    @staticmethod
-    def _weighted(terms) -> Optional[Tensor]:
-        parts = [w * v for w, v in terms if w != 0]
-        return sum(parts[1:], parts[0]) if parts else None
+    def _loss_terms(self, out: Dict[str, Any], ref: Dict[str, Any], view: str, n_views: int,
+                    seen: Dict[str, list]) -> Optional[Tensor]:
+        """``sum weight * term`` over the loss terms computed with ``view``'s render; an ``any`` term enters as its
+        value / ``n_views`` (the mean over the step's renders); every value is appended (detached) to ``seen[name]``."""
+        def call(name, term):
+            value = term(out, ref)
+            if value is None:
+                return None
+            seen.setdefault(name, []).append(value.detach())
+            return value / n_views if term.cfg.view == "any" else value
+
+        total, _ = weighted_terms(self.losses, self.loss_weights, self.true_global_step, call,
+                                  skip=lambda n, m: not m.applies_to(view))
+        return total
 
     def step_losses(self, batch: Dict[str, Any], backward: Optional[Any] = None) -> Tensor:
-        """The step's weighted loss, logged as the coarse system logs: ``train/<term>`` (``ref_rgb``,
-        ``white_bg``, ``color_ref``, ``color_novel``, each guidance by its entry name), guidance extras as
+        """The step's weighted loss, logged as the coarse system logs: ``train/<term>`` for every loss term
+        (an ``any`` term: its mean over the step's renders) and guidance entry, guidance extras as
         ``train/<name>/<key>``, the weighted sum as ``train/loss``.
 
         Without ``backward``: the total with its graph. With it (``manual_backward``): the reference
-        part (reference L1, its half of the white-background term, the colour regularisers) is
-        back-propagated and its graph freed before the novel view is rendered and the novel part
-        (guidance, the other half of the white-background term) back-propagated; the detached total is
-        returned. The gradients are the same sum either way."""
-        L, step = self.cfg.loss, self.true_global_step
+        part (the ``ref`` terms -- reference L1, the colour regularisers -- and the reference view's share
+        of the ``any`` terms -- white background) is back-propagated and its graph freed before the novel
+        view is rendered and the novel part (guidance, ``random`` terms, the novel view's share of the
+        ``any`` terms) back-propagated; the detached total is returned. The gradients are the same sum
+        either way."""
+        step = self.true_global_step
         ref = batch["ref"]
         active = {k: g for k, g in self.guidance.items() if self.C(self.guidance_weights[k]) != 0}
-        bg_w, n_bg = self.C(L.lambda_white_bg), (2 if active else 1)  # white bg: the mean over the views
+        n_views = 2 if active else 1  # the renders of the step: an `any` term is their mean
+        seen: Dict[str, list] = {}
+        logs: Dict[str, Tensor] = {}
         out = self.render_batch(ref)
-        ref_rgb = F.l1_loss(out["comp_rgb"], ref["rgb"].to(self.device))
-        white_bg = self.white_bg_loss(out)
+        total = self._loss_terms(out, dict(ref, rgb=ref["rgb"].to(self.device)), "ref", n_views, seen)
         del out  # with ``backward``, nothing of the reference render outlives its backward
-        reg_ref, reg_nov = self.color_reg_loss()
-        logs = {"ref_rgb": ref_rgb, "color_ref": reg_ref, "color_novel": reg_nov}
-        total = self._weighted([(self.C(L.lambda_ref_rgb), ref_rgb), (bg_w, white_bg / n_bg),
-                                (self.C(L.lambda_color_ref), reg_ref), (self.C(L.lambda_color_novel), reg_nov)])
         if backward is not None and total is not None:
             backward(total)
             total = total.detach()
-        white_bg = white_bg.detach() if backward is not None else white_bg
         if active:
             rnd = batch["random"]
             out_n = self.render_batch(rnd)
-            novel = []
-            for name, g in active.items():
+
+            def call(name, g):
                 res = g(out_n["comp_rgb"], rnd, step)
-                logs[name] = res["loss"]
-                novel.append((self.C(self.guidance_weights[name]), res["loss"]))
-                for k, v in res.items():
+                for k, v in res.items():  # as the coarse system: train/<term>/<extra>
                     if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
-                        self.log(f"train/{name}/{k}", v.float())  # as the coarse system: train/<term>/<extra>
-            white_novel = self.white_bg_loss(out_n)
-            novel.append((bg_w, white_novel / n_bg))
-            part = self._weighted(novel)
+                        logs[f"{name}/{k}"] = v.float()
+                return res["loss"]
+
+            gtotal, gvals = weighted_terms(active, self.guidance_weights, step, call)
+            ltotal = self._loss_terms(out_n, ref, "random", n_views, seen)
+            part = gtotal if ltotal is None else (ltotal if gtotal is None else gtotal + ltotal)
             if backward is not None and part is not None:
                 backward(part)
                 part = part.detach()
-            white_bg = white_bg + (white_novel.detach() if backward is not None else white_novel)
             total = part if total is None else (total if part is None else total + part)
-        if bg_w != 0:
-            logs["white_bg"] = white_bg / n_bg
-        for name, v in logs.items():  # one key scheme with the coarse system: train/<term>, train/loss
-            self.log(f"train/{name}", v.detach())
-        total = total if total is not None else reg_ref.detach() * 0.0
-        self.log("train/loss", total.detach(), prog_bar=True)
+            logs.update(gvals)
+        for name, values in seen.items():  # an `any` term: the mean over the step's renders
+            logs[name] = sum(values) / n_views if self.losses[name].cfg.view == "any" else values[0]
+        total = total if total is not None else torch.zeros((), device=self.device)
+        self.log_terms(logs, total)  # train/<term>, train/<name>/<key>, train/loss
         return total
 
     # ------------------------------------------------------------------ validation / test
@@ -317,7 +314,7 @@ class RefineSystem(BaseSystem):
             name = getattr(self.cfg, type_field)
             if name in (None, "", "none"):
                 continue
-            exporter = registry.get("exporter", name)(getattr(self.cfg, cfg_field), path=f"system.{cfg_field}")
+            exporter = self.build_part("exporter", cfg_field)
             for k, p in exporter.export(self, self.get_save_path(target)).items():
                 written[f"{cfg_field}.{k}"] = p
                 log.info(f"export: {p}")
