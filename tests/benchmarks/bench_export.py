@@ -123,7 +123,7 @@ def main():
     print(f"surface: {len(f)} faces, {len(v)} vertices" + "".join(f"; {k} {x:.2f} s" for k, x in pre.items()))
     variants = [("capped", UnwrapOptions())]
     if not a.skip_default:
-        variants.insert(0, ("xatlas defaults", UnwrapOptions(max_chart_area_fraction=0.0)))
+        variants.insert(0, ("xatlas defaults", UnwrapOptions(max_chart_faces=0)))
     phases = ["decimation", "unwrap", "bake", "write"]
     rows = []
     with tempfile.TemporaryDirectory() as d:

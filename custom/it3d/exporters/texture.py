@@ -3,8 +3,8 @@
 * :func:`uv_unwrap` — xatlas charts with every chart's area capped (:class:`UnwrapOptions`; run it
   on the decimated mesh). xatlas grows charts without a size limit by default, and on marching-cubes
   surfaces its chart computation (not the packing, ~0.3 s) then takes ~10 s for 50k faces and
-  ~65 s for 100k (``tests/benchmarks/bench_export.py``); capping a chart at 1% of the surface area
-  takes it to ~1-2 s with fewer, less stretched charts and about the same atlas utilisation;
+  ~65 s for 100k (``tests/benchmarks/bench_export.py``); capping a chart at the area of 500 average
+  faces takes it to ~1-2 s with fewer, less stretched charts and about the same atlas utilisation;
 * :func:`uv_texels` — rasterize the atlas in texture space: every covered texel gets its face and
   its 3-D point (row 0 of the texture is v = 1, as OBJ / trimesh / :func:`sample_texture` read it);
 * :func:`pull_push_fill` — UV-space inpainting of texels with no colour (pull-push, Gortler et al.
@@ -33,10 +33,11 @@ from ..renderers.mesh_rasterizer import interpolate, rasterize_2d
 class UnwrapOptions:
     """``export.unwrap``: the xatlas chart and pack options the exporters set (the rest stay xatlas's)."""
 
-    # ours: a chart stops growing at this fraction of the surface area (0: xatlas's default, no cap).
-    # Measured on marching-cubes surfaces (bench_export.py): 50k faces 9.7 s -> 1.2 s, 100k 65 s ->
-    # 2.3 s, with fewer charts (515 -> 191 on a trained coarse surface) and utilisation 0.63 -> 0.61
-    max_chart_area_fraction: float = check(0.01, ge=0, le=1)
+    # ours: a chart stops growing at the area of this many average faces (0: xatlas's default, no cap).
+    # xatlas's time is in parametrising big charts; measured (bench_export.py, capped = 500): a 50k-face
+    # trained coarse surface 9.7 s -> 1.2 s (515 -> 191 charts, utilisation 0.63 -> 0.61), 100k faces of a
+    # blobby surface 65 s -> 2.3 s. A small mesh (< 500 * the charts xatlas would make) is hardly cut
+    max_chart_faces: int = check(500, ge=0, integer=True)
     # xatlas ChartOptions.maxIterations default: refinement passes of the chart growing
     max_iterations: int = check(1, ge=0, integer=True)
     # xatlas PackOptions.padding default (texels of the packed atlas between charts; the bake's gutter
@@ -59,10 +60,10 @@ def uv_unwrap(vertices: Float[Tensor, "V 3"], faces: Int[Tensor, "F 3"], options
     v = np.ascontiguousarray(vertices.detach().cpu().numpy(), dtype=np.float32)
     f = np.ascontiguousarray(faces.detach().cpu().numpy(), dtype=np.uint32)
     co, po = xatlas.ChartOptions(), xatlas.PackOptions()
-    if o.max_chart_area_fraction > 0:
+    if o.max_chart_faces > 0 and len(f) > o.max_chart_faces:
         e1, e2 = v[f[:, 1]].astype(np.float64) - v[f[:, 0]], v[f[:, 2]].astype(np.float64) - v[f[:, 0]]
         area = 0.5 * float(np.linalg.norm(np.cross(e1, e2), axis=1).sum())
-        co.max_chart_area = float(o.max_chart_area_fraction * area)
+        co.max_chart_area = float(area * o.max_chart_faces / len(f))
     co.max_iterations = int(o.max_iterations)
     po.padding, po.bruteForce = int(o.padding), bool(o.brute_force)
     atlas = xatlas.Atlas()
