@@ -4,7 +4,9 @@
   on the decimated mesh). xatlas grows charts without a size limit by default, and on marching-cubes
   surfaces its chart computation (not the packing, ~0.3 s) then takes ~10 s for 50k faces and
   ~65 s for 100k (``tests/benchmarks/bench_export.py``); capping a chart at the area of 500 average
-  faces takes it to ~1-2 s with fewer, less stretched charts and about the same atlas utilisation;
+  faces takes it to ~1-2.5 s with fewer, less stretched charts, and brute-force packing of those
+  charts (+1-3 s) keeps the texture's covered fraction near xatlas's default (see
+  :class:`UnwrapOptions`);
 * :func:`uv_texels` — rasterize the atlas in texture space: every covered texel gets its face and
   its 3-D point (row 0 of the texture is v = 1, as OBJ / trimesh / :func:`sample_texture` read it);
 * :func:`pull_push_fill` — UV-space inpainting of texels with no colour (pull-push, Gortler et al.
@@ -34,18 +36,19 @@ class UnwrapOptions:
     """``export.unwrap``: the xatlas chart and pack options the exporters set (the rest stay xatlas's)."""
 
     # ours: a chart stops growing at the area of this many average faces (0: xatlas's default, no cap).
-    # xatlas's time is in parametrising big charts; measured (bench_export.py, capped = 500): a 50k-face
-    # trained coarse surface 9.7 s -> 1.2 s (515 -> 191 charts, utilisation 0.63 -> 0.61), 100k faces of a
-    # blobby surface 65 s -> 2.3 s. A small mesh (< 500 * the charts xatlas would make) is hardly cut
+    # xatlas's time is in parametrising big charts, not in packing; measured (bench_export.py): a 50k-face
+    # trained coarse surface 9.7 s -> 1.5 s (515 -> 166 charts), 100k faces of a blobby surface
+    # 39-65 s -> 2.4-3.5 s. A mesh of a few thousand faces keeps about xatlas's own charts
     max_chart_faces: int = check(500, ge=0, integer=True)
     # xatlas ChartOptions.maxIterations default: refinement passes of the chart growing
     max_iterations: int = check(1, ge=0, integer=True)
     # xatlas PackOptions.padding default (texels of the packed atlas between charts; the bake's gutter
     # fill keeps bilinear lookups at chart borders inside the chart's colours)
     padding: int = check(0, ge=0, integer=True)
-    # xatlas PackOptions.bruteForce default: random chart placement (brute force: ~1.5 s more per 50k
-    # faces for ~+0.07 utilisation)
-    brute_force: bool = False
+    # ours (xatlas: false, random placement): the capped charts packed at random cover fewer texels
+    # (texture 1024: 0.58 -> 0.57 trained 50k, 0.69 -> 0.49 blobby 50k, 0.57 -> 0.50 blobby 100k);
+    # brute-force placement costs +1.5-3.5 s at 50k faces and +1 s at 100k and covers 0.64 / 0.57 / 0.60
+    brute_force: bool = True
 
 
 def uv_unwrap(vertices: Float[Tensor, "V 3"], faces: Int[Tensor, "F 3"], options: Optional[UnwrapOptions] = None,
