@@ -1,7 +1,8 @@
 """Shared pipeline of the textured-mesh exporters (``mesh``, ``refined-mesh``); not registered itself.
 
 surface (world frame) -> ``target_faces`` quadric decimation -> ``watertight`` repair -> xatlas
-unwrap -> texture bake (the subclass: :meth:`bake`) -> asset frame (:mod:`.conventions`: +Y up,
+unwrap (``unwrap``: chart size cap, :class:`.texture.UnwrapOptions`; its chart count and utilisation
+go to ``fidelity.json["unwrap"]``) -> texture bake (the subclass: :meth:`bake`) -> asset frame (:mod:`.conventions`: +Y up,
 front +Z, metres, origin at the base) -> ``<stem>.obj/.mtl/_texture.png/.glb`` -> fidelity check
 of the written file (:mod:`.fidelity`: ``fidelity.json`` + ``preview.png`` beside it), with the
 time of every step in ``fidelity.json["timings_s"]``.
@@ -29,7 +30,7 @@ from . import fidelity
 from .conventions import ORIGINS, asset_frame
 from .projection import project_colors
 from .surface import decimate, make_watertight, vertex_normals
-from .texture import uv_unwrap
+from .texture import UnwrapOptions, uv_unwrap
 from .views import BakeView, bake_views
 
 log = logging.getLogger("it3d")
@@ -41,6 +42,7 @@ class MeshAssetExporter(BaseExporter):
         isosurface_resolution: Optional[int] = None  # None: the geometry's own default
         isosurface_threshold: Any = None  # None: the geometry's own ("auto" = min(mean density, 10))
         target_faces: Optional[int] = None  # quadric decimation before the unwrap; None keeps every face
+        unwrap: UnwrapOptions = field(default_factory=UnwrapOptions)  # xatlas options (it3d.exporters.texture)
         watertight: bool = False  # merge / drop degenerate faces and floaters / fill holes; reported in fidelity.json
         texture_size: int = 1024
         scale: Any = "auto"  # auto: the object is `height` metres tall | a number: metres per scene unit
@@ -138,7 +140,8 @@ class MeshAssetExporter(BaseExporter):
                 log.warning("export.watertight: the repaired mesh still has open or non-manifold edges "
                             "(see fidelity.json: watertight)")
         t["watertight"] = laps.lap("watertight")
-        uv, uv_faces, vmap = uv_unwrap(v, f)
+        unwrap_info: Dict[str, Any] = {}
+        uv, uv_faces, vmap = uv_unwrap(v, f, c.unwrap, unwrap_info)
         t["unwrap"] = laps.lap("unwrap")
         tex, bake_info = self.bake(system, v, f, uv, uv_faces, vmap, reference)
         t["bake"] = laps.lap("bake")
@@ -150,7 +153,7 @@ class MeshAssetExporter(BaseExporter):
         if c.fidelity:
             views = bake_views(reference, c.fidelity_elevations, c.fidelity_azimuths, c.fidelity_size)
             extra = {"faces_extracted": n_in, "faces": int(f.shape[0]), "vertices": int(v.shape[0]),
-                     "texture_size": c.texture_size, "watertight": watertight, **bake_info,
+                     "texture_size": c.texture_size, "watertight": watertight, "unwrap": unwrap_info, **bake_info,
                      "timings_s": {k: round(x, 3) for k, x in t.items()}}
             rec = fidelity.write_fidelity(os.path.dirname(os.path.abspath(stem)), paths.get("glb", paths["obj"]), frame,
                                           views, self.stage_render(system), extra, c.fidelity_ssaa)

@@ -1,7 +1,12 @@
 """UV atlas and texture-space helpers shared by the mesh exporters.
 
-* :func:`uv_unwrap` — xatlas charts (run it on the decimated mesh: its time grows fast with the
-  face count);
+* :func:`uv_unwrap` — xatlas charts with every chart's area capped (:class:`UnwrapOptions`; run it
+  on the decimated mesh). xatlas grows charts without a size limit by default, and on marching-cubes
+  surfaces its chart computation (not the packing, ~0.3 s) then takes ~10 s for 50k faces and
+  ~65 s for 100k (``tests/benchmarks/bench_export.py``); capping a chart at the area of 500 average
+  faces takes it to ~1-2.5 s with fewer, less stretched charts, and brute-force packing of those
+  charts (+1-3 s) keeps the texture's covered fraction near xatlas's default (see
+  :class:`UnwrapOptions`);
 * :func:`uv_texels` — rasterize the atlas in texture space: every covered texel gets its face and
   its 3-D point (row 0 of the texture is v = 1, as OBJ / trimesh / :func:`sample_texture` read it);
 * :func:`pull_push_fill` — UV-space inpainting of texels with no colour (pull-push, Gortler et al.
@@ -14,21 +19,63 @@
 """
 from __future__ import annotations
 
-from typing import Dict
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.ranges import check
 from ..core.typing import Float, Int, Tensor
 from ..renderers.mesh_rasterizer import interpolate, rasterize_2d
 
 
-def uv_unwrap(vertices: Float[Tensor, "V 3"], faces: Int[Tensor, "F 3"]):
-    """xatlas parametrisation -> (uv U 2 in [0, 1], uv_faces F 3, vmapping U: uv vertex -> mesh vertex)."""
+@dataclass
+class UnwrapOptions:
+    """``export.unwrap``: the xatlas chart and pack options the exporters set (the rest stay xatlas's)."""
+
+    # ours: a chart stops growing at the area of this many average faces (0: xatlas's default, no cap).
+    # xatlas's time is in parametrising big charts, not in packing; measured (bench_export.py): a 50k-face
+    # trained coarse surface 9.7 s -> 1.5 s (515 -> 166 charts), 100k faces of a blobby surface
+    # 39-65 s -> 2.4-3.5 s. A mesh of a few thousand faces keeps about xatlas's own charts
+    max_chart_faces: int = check(500, ge=0, integer=True)
+    # xatlas ChartOptions.maxIterations default: refinement passes of the chart growing
+    max_iterations: int = check(1, ge=0, integer=True)
+    # xatlas PackOptions.padding default (texels of the packed atlas between charts; the bake's gutter
+    # fill keeps bilinear lookups at chart borders inside the chart's colours)
+    padding: int = check(0, ge=0, integer=True)
+    # ours (xatlas: false, random placement): the capped charts packed at random cover fewer texels
+    # (texture 1024: 0.58 -> 0.57 trained 50k, 0.69 -> 0.49 blobby 50k, 0.57 -> 0.50 blobby 100k);
+    # brute-force placement costs +1.5-3.5 s at 50k faces and +1 s at 100k and covers 0.64 / 0.57 / 0.60
+    brute_force: bool = True
+
+
+def uv_unwrap(vertices: Float[Tensor, "V 3"], faces: Int[Tensor, "F 3"], options: Optional[UnwrapOptions] = None,
+              info: Optional[Dict[str, Any]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """xatlas parametrisation -> (uv U 2 in [0, 1], uv_faces F 3, vmapping U: uv vertex -> mesh vertex).
+
+    ``info`` (a dict), when given, receives ``charts``, ``atlas_width`` / ``atlas_height`` (xatlas's
+    own atlas, scaled to [0, 1] here) and ``utilization`` (xatlas's fraction of that atlas covered)."""
     import xatlas
 
-    vmap, idx, uv = xatlas.parametrize(vertices.cpu().numpy().astype(np.float32), faces.cpu().numpy().astype(np.uint32))
+    o = options or UnwrapOptions()
+    v = np.ascontiguousarray(vertices.detach().cpu().numpy(), dtype=np.float32)
+    f = np.ascontiguousarray(faces.detach().cpu().numpy(), dtype=np.uint32)
+    co, po = xatlas.ChartOptions(), xatlas.PackOptions()
+    if o.max_chart_faces > 0 and len(f) > o.max_chart_faces:
+        e1, e2 = v[f[:, 1]].astype(np.float64) - v[f[:, 0]], v[f[:, 2]].astype(np.float64) - v[f[:, 0]]
+        area = 0.5 * float(np.linalg.norm(np.cross(e1, e2), axis=1).sum())
+        co.max_chart_area = float(area * o.max_chart_faces / len(f))
+    co.max_iterations = int(o.max_iterations)
+    po.padding, po.bruteForce = int(o.padding), bool(o.brute_force)
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(v, f)
+    atlas.generate(co, po)
+    vmap, idx, uv = atlas[0]
+    if info is not None:
+        info.update(charts=int(atlas.chart_count), atlas_width=int(atlas.width), atlas_height=int(atlas.height),
+                    utilization=round(float(atlas.utilization), 4))
     return (torch.from_numpy(uv.astype(np.float32)), torch.from_numpy(idx.astype(np.int64)),
             torch.from_numpy(vmap.astype(np.int64)))
 
