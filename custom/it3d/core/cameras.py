@@ -8,10 +8,14 @@
 * pixel (row i, col j) has its centre at (j + 0.5, i + 0.5); ``fovy`` is the vertical field
   of view; pixels are square.
 * the reference view is elevation 0 (polar 90), azimuth 0, distance 1 by default.
+
+:class:`Camera` is the one camera record (pose, field of view, image size, where on the sphere it sits)
+that the builders render the coarse stage from and the exporters bake and check their files with.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Tuple, Union
 
 import torch
@@ -19,6 +23,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Number = Union[float, int, Tensor]
+
+
+@dataclass
+class Camera:
+    """One pinhole camera: ``c2w`` (4 4, OpenGL), vertical ``fovy`` (degrees), image ``height`` x ``width``,
+    and its place on the sphere (``elevation``, ``azimuth`` in degrees, ``distance``); ``name`` labels it in
+    reports, ``is_reference`` marks the reference view."""
+
+    c2w: Tensor  # 4 4
+    fovy: float  # degrees
+    height: int
+    width: int
+    elevation: float = 0.0
+    azimuth: float = 0.0
+    distance: float = 0.0
+    name: str = ""
+    is_reference: bool = False
+
+    @property
+    def focal(self) -> float:
+        """Focal length in pixels."""
+        return float(focal_from_fovy(self.fovy, self.height))
 
 
 def _t(x: Number, ref: Tensor = None) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 
 from ..core import io, progress
 from ..core.base import BaseExporter
+from ..core.cameras import Camera
 from ..core.errors import It3dError
 from ..core.typing import Tensor
 from . import fidelity
@@ -30,7 +31,7 @@ from .conventions import ORIGINS, asset_frame
 from .projection import project_colors
 from .surface import decimate, make_watertight, vertex_normals
 from .texture import uv_unwrap
-from .views import BakeView, bake_views
+from .views import bake_views
 
 log = logging.getLogger("it3d")
 
@@ -90,7 +91,7 @@ class MeshAssetExporter(BaseExporter):
     def stage_render(system: Any):
         white = torch.ones(3, device=system.device)
 
-        def render(view: BakeView):
+        def render(view: Camera):
             out = system.render_view(view.c2w, view.fovy, view.height, view.width, bg_color=white, shading="albedo",
                                      normals=False)
             return out["comp_rgb"][0].float().cpu(), out["opacity"][0, ..., 0].float().cpu()
@@ -103,7 +104,7 @@ class MeshAssetExporter(BaseExporter):
         renderer gives it (no background blended into the texture), else the white-background composite."""
         white = torch.ones(3, device=system.device)
 
-        def render(view: BakeView):
+        def render(view: Camera):
             out = system.render_view(view.c2w, view.fovy, view.height, view.width, bg_color=white, shading="albedo",
                                      normals=False)
             if "comp_rgb_fg" in out:
