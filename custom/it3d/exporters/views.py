@@ -5,7 +5,18 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 from ..core import cameras
+from ..core.base import ExportParts
 from ..core.cameras import Camera
+from ..core.errors import It3dError
+
+
+def reference_view(parts: ExportParts, exporter: Any) -> Dict[str, Any]:
+    """The stage's reference view record, or an error (naming ``exporter``) that says how to get one."""
+    if parts.reference is None:
+        name = getattr(exporter, "registered_name", type(exporter).__name__)
+        raise It3dError(f"{name} exporter: the stage has no reference view (no datamodule with one; run --export "
+                        "through launch.py, which attaches the stage's single-image datamodule)")
+    return parts.reference
 
 
 def bake_views(reference: Dict[str, Any], elevations: Sequence[float], azimuths: Sequence[float],
