@@ -200,12 +200,8 @@ class ViewBuilder(BaseBuilder):
         w = self.cfg.width or ref.width
         dist = self.cfg.camera_distance or ref.distance
         fovy = self.cfg.fovy or ref.fovy
-        cams = []
-        for e in self.cfg.elevations:
-            for a in self.cfg.azimuths:
-                az = ref.azimuth + float(a)
-                c2w = cameras.spherical_c2w(float(e), az, dist).to(self.device)
-                cams.append(Camera(c2w, fovy, h, w, float(e), az, dist, f"el{float(e):g}_az{float(a):g}"))
+        cams = cameras.cameras_around(self.cfg.elevations, self.cfg.azimuths, ref.azimuth, dist, fovy, h, w,
+                                      self.device)
         angles = [self.angle_to_reference(c, ref) for c in cams]
         order = sorted(range(len(cams)), key=lambda k: angles[k])
         return [cams[k] for k in order]

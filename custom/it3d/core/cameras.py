@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +171,21 @@ def angle_from_view(elev: Tensor, azim: Tensor, elev_ref: Number = 0.0, azim_ref
     a = F.normalize(camera_position(elev, azim, 1.0), dim=-1)
     b = F.normalize(camera_position(elev_ref, azim_ref, 1.0), dim=-1).to(a.device)
     return torch.rad2deg(torch.arccos((a * b).sum(-1).clamp(-1, 1)))
+
+
+def cameras_around(elevations: Sequence[float], azimuths: Sequence[float], azimuth0: float, distance: float,
+                   fovy: float, height: int, width: int, device=None) -> List[Camera]:
+    """A :class:`Camera` at every (elevation, ``azimuth0`` + azimuth) pair, elevations first (elevations absolute,
+    azimuths relative to ``azimuth0``, degrees), ``distance`` from the origin and looking at it, named
+    ``el<e>_az<a>``: the builders' build views and the exporters' bake and check views around the reference."""
+    out = []
+    for e in elevations:
+        for a in azimuths:
+            az = azimuth0 + float(a)
+            c2w = spherical_c2w(float(e), az, distance)
+            out.append(Camera(c2w if device is None else c2w.to(device), fovy, height, width, float(e), az, distance,
+                              f"el{float(e):g}_az{float(a):g}"))
+    return out
 
 
 def orbit_views(n_views: int, elevation: float, distance: float, fovy: float,

@@ -27,9 +27,5 @@ def bake_views(reference: Dict[str, Any], elevations: Sequence[float], azimuths:
     dist = float(reference["camera_distances"].reshape(-1)[0])
     az0 = float(reference["azimuth"].reshape(-1)[0])
     el0 = float(reference["elevation"].reshape(-1)[0]) if "elevation" in reference else 0.0
-    views = [Camera(reference["c2w"].reshape(4, 4).float(), fovy, size, size, el0, az0, dist, "reference", True)]
-    for e in elevations:
-        for a in azimuths:
-            views.append(Camera(cameras.spherical_c2w(float(e), az0 + float(a), dist), fovy, size, size, float(e),
-                                az0 + float(a), dist, f"el{float(e):g}_az{float(a):g}"))
-    return views
+    ref = Camera(reference["c2w"].reshape(4, 4).float(), fovy, size, size, el0, az0, dist, "reference", True)
+    return [ref] + cameras.cameras_around(elevations, azimuths, az0, dist, fovy, size, size)
