@@ -31,7 +31,7 @@ from ..core import cameras
 from ..core.base import BaseBuilder
 from ..core.cameras import Camera
 from ..core.errors import It3dError
-from ..core.typing import Bool, Float, Int, Tensor
+from ..core.typing import Bool, Float, Tensor
 from .enhance import EnhanceConfig, Img2ImgEnhancer, SamMaskUnion, SamUnionConfig
 
 

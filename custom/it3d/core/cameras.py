@@ -14,7 +14,6 @@ that the builders render the coarse stage from and the exporters bake and check 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple, Union
 
