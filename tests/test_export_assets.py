@@ -8,12 +8,12 @@ interpolates vertex colours agree up to texture resolution."""
 import json
 import os
 import struct
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from it3d.core.base import ExportParts
 from it3d.core.registry import get
 from it3d.data.random_views import camera_batch
 from it3d.renderers.mesh_rasterizer import interpolate, rasterize_mesh
@@ -40,7 +40,7 @@ def albedo(p):
 
 
 class Stage(torch.nn.Module):
-    """What the mesh exporter needs of a coarse system: geometry, material, a datamodule's reference, render_view."""
+    """A coarse stage for the mesh exporter: geometry, material, reference view, render_view (:meth:`parts`)."""
 
     def __init__(self, ref_azimuth=0.0, size=48):
         super().__init__()
@@ -52,12 +52,13 @@ class Stage(torch.nn.Module):
         self.material = lambda feats, shading=None: feats
         self.renders = 0
 
-    def _datamodule(self):
-        return SimpleNamespace(reference=self.ref)
-
     @property
     def device(self):
         return self.anchor.device
+
+    def parts(self) -> ExportParts:
+        return ExportParts(geometry=self.geometry, material=self.material, render_view=self.render_view,
+                           device=self.device, reference=self.ref)
 
     def render_view(self, c2w, fovy, h, w, bg_color=None, **kw):
         self.renders += 1
@@ -86,7 +87,7 @@ class _Geo(torch.nn.Module):
 def export(tmp_path, ref_azimuth=0.0, **cfg):
     stage = Stage(ref_azimuth)
     exporter = get("exporter", "mesh")({"texture_size": 256, "fidelity_size": 48, "render_size": 96, **cfg}, path="system.exporter")
-    paths = exporter.export(stage, str(tmp_path / "export" / "mesh"))
+    paths = exporter.export(stage.parts(), str(tmp_path / "export" / "mesh"))
     return stage, paths
 
 
@@ -204,7 +205,7 @@ def test_fidelity_json_and_preview(tmp_path, bake_source):
     from it3d.exporters.views import bake_views
 
     views = bake_views(stage.ref, [], [], 48)
-    res = fidelity.measure(paths["glb"], frame, views, get("exporter", "mesh").stage_render(stage))
+    res = fidelity.measure(paths["glb"], frame, views, get("exporter", "mesh").stage_render(stage.parts()))
     assert res["views"][0]["mask_iou"] < 0.8
 
 

@@ -29,25 +29,10 @@ import torch.nn.functional as F
 
 from ..core import cameras
 from ..core.base import BaseBuilder
+from ..core.cameras import Camera
 from ..core.errors import It3dError
-from ..core.typing import Bool, Float, Int, Tensor
+from ..core.typing import Bool, Float, Tensor
 from .enhance import EnhanceConfig, Img2ImgEnhancer, SamMaskUnion, SamUnionConfig
-
-
-
-@dataclass
-class Camera:
-    c2w: Tensor  # 4 4
-    fovy: float  # degrees
-    height: int
-    width: int
-    elevation: float
-    azimuth: float
-    distance: float
-
-    @property
-    def focal(self) -> float:
-        return float(cameras.focal_from_fovy(self.fovy, self.height))
 
 
 @dataclass
@@ -207,7 +192,7 @@ class ViewBuilder(BaseBuilder):
         else:
             elev = math.degrees(math.asin(float(eye[2] / eye.norm().clamp_min(1e-8))))
             azim = math.degrees(math.atan2(float(eye[1]), float(eye[0])))
-        return Camera(c2w, float(reference["fovy"].reshape(-1)[0]), h, w, elev, azim, dist)
+        return Camera(c2w, float(reference["fovy"].reshape(-1)[0]), h, w, elev, azim, dist, "reference", True)
 
     def novel_cameras(self, ref: Camera) -> List[Camera]:
         """The build views, sorted by angle from the reference view (nearest first; stable)."""
@@ -215,12 +200,8 @@ class ViewBuilder(BaseBuilder):
         w = self.cfg.width or ref.width
         dist = self.cfg.camera_distance or ref.distance
         fovy = self.cfg.fovy or ref.fovy
-        cams = []
-        for e in self.cfg.elevations:
-            for a in self.cfg.azimuths:
-                az = ref.azimuth + float(a)
-                c2w = cameras.spherical_c2w(float(e), az, dist).to(self.device)
-                cams.append(Camera(c2w, fovy, h, w, float(e), az, dist))
+        cams = cameras.cameras_around(self.cfg.elevations, self.cfg.azimuths, ref.azimuth, dist, fovy, h, w,
+                                      self.device)
         angles = [self.angle_to_reference(c, ref) for c in cams]
         order = sorted(range(len(cams)), key=lambda k: angles[k])
         return [cams[k] for k in order]

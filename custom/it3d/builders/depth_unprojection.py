@@ -27,10 +27,11 @@ import torch
 
 from ..core import cameras
 from ..core import progress
+from ..core.cameras import Camera
 from ..core.errors import It3dError
 from ..core.registry import register
 from ..core.typing import Bool, Float, Tensor
-from .base import Camera, View, ViewBuilder, depth_slope, on_visible_layer, splat_disc
+from .base import View, ViewBuilder, depth_slope, on_visible_layer, splat_disc
 
 log = logging.getLogger("it3d")
 

@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from ..core import progress
+from ..core.cameras import Camera
 from ..core.config import ConfigError
 from ..core.errors import It3dError
 from ..core.registry import register
 from ..core.surface import fill_nearest, isosurface_mesh
 from ..core.typing import Float, Tensor
-from .base import Camera, View, ViewBuilder, on_visible_layer, point_zbuffer
+from .base import View, ViewBuilder, on_visible_layer, point_zbuffer
 from .sampling import clean_mesh, poisson_disk_sample
 
 log = logging.getLogger("it3d")

@@ -14,7 +14,7 @@ across the top-up. No Python loop runs over points.
 from __future__ import annotations
 
 import logging
-from typing import Tuple
+from typing import Any, Tuple
 
 import numpy as np
 

@@ -130,12 +130,19 @@ class BaseEstimator(BaseObject):
     pass
 
 
+class RenderView(Protocol):
+    """A trained stage's render of one camera: ``(c2w (4 4), fovy_deg, height, width, **options) -> outputs with
+    batch size 1`` (``comp_rgb``, ``opacity``, ``depth``...). Options a stage does not know are ignored
+    (``shading``, ``bg_color``, ``normals``)."""
+
+    def __call__(self, c2w: torch.Tensor, fovy_deg: float, height: int, width: int, **options: Any
+                 ) -> Dict[str, Any]: ...
+
+
 @runtime_checkable
 class TrainedStage(Protocol):
-    """What builders and exporters may use of a trained stage (a coarse NeRF system, a refined point system):
-    its geometry (``isosurface(...)`` for implicit fields, ``points`` for point clouds), its device, and
-    ``render_view(c2w (4 4), fovy_deg, height, width, **options) -> outputs with batch size 1``
-    (``comp_rgb``, ``opacity``, ``depth``...)."""
+    """What builders may use of a trained stage (a coarse NeRF system): its geometry (``isosurface(...)``
+    for implicit fields), its device, and :class:`RenderView` ``render_view``."""
 
     geometry: Any
     device: torch.device
@@ -144,11 +151,40 @@ class TrainedStage(Protocol):
                     ) -> Dict[str, Any]: ...
 
 
-class BaseExporter(BaseObject):
-    """Writes a trained stage to files. Contract: ``export(stage: TrainedStage, stem) -> {kind: path}``."""
+@dataclass(frozen=True, eq=False)
+class ExportParts:
+    """What an exporter gets of a trained stage (its system's ``export()`` builds it; exporters never see
+    the system): the stage's parts, as threestudio's exporters get them, and what baking and checking
+    a file need besides.
 
-    def export(self, stage: TrainedStage, stem: str) -> Dict[str, str]:
-        raise NotImplementedError(f"{type(self).__name__} must implement export(stage, stem)")
+    * ``geometry``: what is exported: an implicit field (``isosurface(...)``, ``forward(points) ->
+      {"features"}``) or a point cloud (``positions``, ``colors()``);
+    * ``render_view``: the stage's :class:`RenderView` (through its renderer, in eval mode), for texture
+      bakes from renders and for the fidelity check;
+    * ``device``: where the stage's parts live;
+    * ``material``, ``background``, ``renderer``: the stage's other parts (None where the stage has none);
+    * ``reference``: the reference view record (``c2w``, ``fovy``, ``elevation``, ``azimuth``,
+      ``camera_distances``, ``rgb``, ``mask``); None when the stage has no datamodule with one;
+    * ``surface``: an implicit field whose isosurface is the mesh to texture when ``geometry`` has none
+      (the refined point cloud's coarse stage); None otherwise.
+    """
+
+    geometry: Any
+    render_view: RenderView
+    device: torch.device
+    material: Optional[BaseMaterial] = None
+    background: Optional[BaseBackground] = None
+    renderer: Optional[BaseRenderer] = None
+    reference: Optional[Dict[str, Any]] = None
+    surface: Any = None
+
+
+class BaseExporter(BaseObject):
+    """Writes a trained stage's parts to files. Contract: ``export(parts: ExportParts, stem) -> {kind: path}``
+    (``stem``: the output path without its extension, or the file itself for single-file exporters)."""
+
+    def export(self, parts: ExportParts, stem: str) -> Dict[str, str]:
+        raise NotImplementedError(f"{type(self).__name__} must implement export(parts, stem)")
 
 
 class BaseBuilder(BaseObject):

@@ -8,17 +8,42 @@
 * pixel (row i, col j) has its centre at (j + 0.5, i + 0.5); ``fovy`` is the vertical field
   of view; pixels are square.
 * the reference view is elevation 0 (polar 90), azimuth 0, distance 1 by default.
+
+:class:`Camera` is the one camera record (pose, field of view, image size, where on the sphere it sits)
+that the builders render the coarse stage from and the exporters bake and check their files with.
 """
 from __future__ import annotations
 
-import math
-from typing import Tuple, Union
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Number = Union[float, int, Tensor]
+
+
+@dataclass
+class Camera:
+    """One pinhole camera: ``c2w`` (4 4, OpenGL), vertical ``fovy`` (degrees), image ``height`` x ``width``,
+    and its place on the sphere (``elevation``, ``azimuth`` in degrees, ``distance``); ``name`` labels it in
+    reports, ``is_reference`` marks the reference view."""
+
+    c2w: Tensor  # 4 4
+    fovy: float  # degrees
+    height: int
+    width: int
+    elevation: float = 0.0
+    azimuth: float = 0.0
+    distance: float = 0.0
+    name: str = ""
+    is_reference: bool = False
+
+    @property
+    def focal(self) -> float:
+        """Focal length in pixels."""
+        return float(focal_from_fovy(self.fovy, self.height))
 
 
 def _t(x: Number, ref: Tensor = None) -> Tensor:
@@ -145,6 +170,21 @@ def angle_from_view(elev: Tensor, azim: Tensor, elev_ref: Number = 0.0, azim_ref
     a = F.normalize(camera_position(elev, azim, 1.0), dim=-1)
     b = F.normalize(camera_position(elev_ref, azim_ref, 1.0), dim=-1).to(a.device)
     return torch.rad2deg(torch.arccos((a * b).sum(-1).clamp(-1, 1)))
+
+
+def cameras_around(elevations: Sequence[float], azimuths: Sequence[float], azimuth0: float, distance: float,
+                   fovy: float, height: int, width: int, device=None) -> List[Camera]:
+    """A :class:`Camera` at every (elevation, ``azimuth0`` + azimuth) pair, elevations first (elevations absolute,
+    azimuths relative to ``azimuth0``, degrees), ``distance`` from the origin and looking at it, named
+    ``el<e>_az<a>``: the builders' build views and the exporters' bake and check views around the reference."""
+    out = []
+    for e in elevations:
+        for a in azimuths:
+            az = azimuth0 + float(a)
+            c2w = spherical_c2w(float(e), az, distance)
+            out.append(Camera(c2w if device is None else c2w.to(device), fovy, height, width, float(e), az, distance,
+                              f"el{float(e):g}_az{float(a):g}"))
+    return out
 
 
 def orbit_views(n_views: int, elevation: float, distance: float, fovy: float,

@@ -10,7 +10,8 @@ Resolution order for ``id_or_path``:
 
 When none works, :class:`HubError` says in one line which model is missing and how to
 provide it. Loaded objects are cached per (class, path, subfolder, dtype, device), so
-two guidance terms naming one model share one UNet.
+two guidance terms naming one model share one UNet; :func:`cached_models` says what the cache
+holds, :func:`free_memory` empties it between stages.
 
 Precision: :func:`set_precision` (the run's top-level ``precision: auto|fp32|fp16|bf16``) is what
 every ``dtype: auto`` of a component resolves to (``auto``: fp16 on CUDA, fp32 on CPU). Models are
@@ -23,7 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -353,5 +354,9 @@ def free_memory(device: Any = None) -> None:
         torch.cuda.empty_cache()
 
 
-def cached_count() -> int:
-    return len(_cache)
+def cached_models() -> List[str]:
+    """What the cache holds, one ``"<class> <model> [<subfolder>] <dtype> <device>"`` line per loaded object
+    (empty after :func:`clear_cache`): a check that models were freed can name the one that was not."""
+    with _lock:
+        return [f"{cls} {path}" + (f" [{sub}]" if sub else "") + f" {dtype} {device}"
+                for cls, path, sub, dtype, device, _ in _cache]

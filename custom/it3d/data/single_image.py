@@ -26,7 +26,6 @@ loader may prefetch one batch, so a milestone takes effect within one step of it
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -38,7 +37,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ..core import cameras, registry
 from ..core.base import Updateable
 from ..core.config import ConfigError, check, check_section, unbounded
-from ..core.errors import It3dError
 from ..core.image import check_photo_size, object_warnings, read_image, recentre, resize
 from ..core.prepared import ImageInputs, PreparedImage, sources
 from ..core.typing import Tensor

@@ -7,10 +7,11 @@ front +Z, metres, origin at the base) -> ``<stem>.obj/.mtl/_texture.png/.glb`` -
 of the written file (:mod:`.fidelity`: ``fidelity.json`` + ``preview.png`` beside it), with the
 time of every step in ``fidelity.json["timings_s"]``.
 
-Subclasses implement :meth:`surface` (vertices, faces in the world frame), :meth:`bake` (they may
+Subclasses implement :meth:`surface` (vertices, faces in the world frame) and :meth:`bake` (they may
 use :meth:`bake_from_renders`: colours projected from the stage's own renders, so the texture shows
-what the stage renders) and :meth:`reference`; the system-facing entry point stays ``export(system, stem)``; the stage render
-used by the check is ``system.render_view`` (albedo, white background).
+what the stage renders). The entry point is ``export(parts, stem)`` with the stage's
+:class:`it3d.core.base.ExportParts`; the stage render used by the check is ``parts.render_view``
+(albedo, white background).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 from ..core import io, progress
-from ..core.base import BaseExporter
+from ..core.base import BaseExporter, ExportParts
+from ..core.cameras import Camera
 from ..core.errors import It3dError
 from ..core.typing import Tensor
 from . import fidelity
@@ -31,7 +33,7 @@ from .conventions import ORIGINS, asset_frame
 from .projection import project_colors
 from .surface import decimate, make_watertight, vertex_normals
 from .texture import UnwrapOptions, uv_unwrap
-from .views import BakeView, bake_views
+from .views import bake_views, reference_view
 
 log = logging.getLogger("it3d")
 
@@ -76,37 +78,35 @@ class MeshAssetExporter(BaseExporter):
             raise It3dError(f"export.blend must be 'average' or 'best', got '{c.blend}'")
 
     # ------------------------------------------------------------------ to implement
-    def reference(self, system: Any) -> Dict[str, Any]:
+    def surface(self, parts: ExportParts) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def surface(self, system: Any) -> Tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def bake(self, system: Any, vertices: Tensor, faces: Tensor, uv: Tensor, uv_faces: Tensor, vmap: Tensor,
+    def bake(self, parts: ExportParts, vertices: Tensor, faces: Tensor, uv: Tensor, uv_faces: Tensor, vmap: Tensor,
              reference: Dict[str, Any]) -> Tuple[np.ndarray, Dict[str, Any]]:
         """-> (texture S S 3 float in [0, 1], row 0 = v 1; figures for fidelity.json)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
     @staticmethod
-    def stage_render(system: Any):
-        white = torch.ones(3, device=system.device)
+    def stage_render(parts: ExportParts):
+        """view -> (rgb H W 3, opacity H W) the stage renders there (albedo, white background): the check's side."""
+        white = torch.ones(3, device=parts.device)
 
-        def render(view: BakeView):
-            out = system.render_view(view.c2w, view.fovy, view.height, view.width, bg_color=white, shading="albedo",
+        def render(view: Camera):
+            out = parts.render_view(view.c2w, view.fovy, view.height, view.width, bg_color=white, shading="albedo",
                                      normals=False)
             return out["comp_rgb"][0].float().cpu(), out["opacity"][0, ..., 0].float().cpu()
 
         return render
 
     @staticmethod
-    def bake_render(system: Any):
+    def bake_render(parts: ExportParts):
         """view -> the colour the stage renders there: the foreground colour divided by the opacity when the
         renderer gives it (no background blended into the texture), else the white-background composite."""
-        white = torch.ones(3, device=system.device)
+        white = torch.ones(3, device=parts.device)
 
-        def render(view: BakeView):
-            out = system.render_view(view.c2w, view.fovy, view.height, view.width, bg_color=white, shading="albedo",
+        def render(view: Camera):
+            out = parts.render_view(view.c2w, view.fovy, view.height, view.width, bg_color=white, shading="albedo",
                                      normals=False)
             if "comp_rgb_fg" in out:
                 return (out["comp_rgb_fg"][0] / out["opacity"][0].clamp_min(1e-3)).clamp(0, 1)
@@ -114,21 +114,21 @@ class MeshAssetExporter(BaseExporter):
 
         return render
 
-    def bake_from_renders(self, system: Any, vertices: Tensor, faces: Tensor, texels: Dict[str, Tensor],
+    def bake_from_renders(self, parts: ExportParts, vertices: Tensor, faces: Tensor, texels: Dict[str, Tensor],
                           reference: Dict[str, Any]):
         """-> (colours of the covered texels N 3, seen N bool) projected from the stage's renders."""
         c = self.cfg
         m = texels["mask"]
         views = bake_views(reference, c.elevations, c.azimuths, c.render_size)
-        return project_colors(self.bake_render(system), vertices, faces, texels["points"][m], texels["face_id"][m],
+        return project_colors(self.bake_render(parts), vertices, faces, texels["points"][m], texels["face_id"][m],
                               views, c.depth_tol, c.power, c.blend, c.reference_weight)
 
-    def export(self, system: Any, stem: str) -> Dict[str, str]:
+    def export(self, parts: ExportParts, stem: str) -> Dict[str, str]:
         """Write ``stem``.obj/.mtl/.glb + ``stem``_texture.png (and fidelity.json + preview.png beside them)."""
         c, t = self.cfg, {}
-        reference = self.reference(system)
+        reference = reference_view(parts, self)
         laps = progress.Laps(f"export {os.path.basename(stem)}", 7 if c.fidelity else 6)
-        v, f = self.surface(system)
+        v, f = self.surface(parts)
         t["surface"], n_in = laps.lap("surface"), int(f.shape[0])
         if c.target_faces is not None:
             v, f = decimate(v, f, c.target_faces)
@@ -143,7 +143,7 @@ class MeshAssetExporter(BaseExporter):
         unwrap_info: Dict[str, Any] = {}
         uv, uv_faces, vmap = uv_unwrap(v, f, c.unwrap, unwrap_info)
         t["unwrap"] = laps.lap("unwrap")
-        tex, bake_info = self.bake(system, v, f, uv, uv_faces, vmap, reference)
+        tex, bake_info = self.bake(parts, v, f, uv, uv_faces, vmap, reference)
         t["bake"] = laps.lap("bake")
         frame = asset_frame(v.numpy(), float(reference["azimuth"].reshape(-1)[0]), c.scale, c.height, c.origin)
         normals = frame.rotate(vertex_normals(v, f).numpy())
@@ -156,7 +156,7 @@ class MeshAssetExporter(BaseExporter):
                      "texture_size": c.texture_size, "watertight": watertight, "unwrap": unwrap_info, **bake_info,
                      "timings_s": {k: round(x, 3) for k, x in t.items()}}
             rec = fidelity.write_fidelity(os.path.dirname(os.path.abspath(stem)), paths.get("glb", paths["obj"]), frame,
-                                          views, self.stage_render(system), extra, c.fidelity_ssaa)
+                                          views, self.stage_render(parts), extra, c.fidelity_ssaa)
             laps.lap("fidelity")
             ref = rec["reference"]
             log.info(f"export fidelity (reference view): PSNR {ref['psnr']:.2f} dB, mask IoU {ref['mask_iou']:.3f}"

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from ..core import io
+from ..core.cameras import Camera
 from ..core.errors import It3dError
 from ..renderers.mesh_rasterizer import render_textured
 from .conventions import AssetFrame
-from .views import BakeView
 
 TARGET_PSNR = 25.0
 TARGET_IOU = 0.95
-StageRender = Callable[[BakeView], Tuple[torch.Tensor, torch.Tensor]]  # view -> (rgb H W 3, opacity H W)
+StageRender = Callable[[Camera], Tuple[torch.Tensor, torch.Tensor]]  # view -> (rgb H W 3, opacity H W)
 
 
 def read_asset(path: str) -> Dict[str, Any]:
@@ -64,7 +64,7 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def measure(path: str, frame: AssetFrame, views: List[BakeView], stage_render: StageRender, ssaa: int = 2
+def measure(path: str, frame: AssetFrame, views: List[Camera], stage_render: StageRender, ssaa: int = 2
             ) -> Dict[str, Any]:
     """Render the file at ``path`` and the stage at every view -> per-view figures and the images."""
     asset = read_asset(path)
@@ -111,7 +111,7 @@ def preview(images: List[Tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     return np.concatenate([pad(left), np.ones((hh, 2 * gap.shape[1], 3), np.float32), pad(right)], 1)
 
 
-def write_fidelity(folder: str, path: str, frame: AssetFrame, views: List[BakeView], stage_render: StageRender,
+def write_fidelity(folder: str, path: str, frame: AssetFrame, views: List[Camera], stage_render: StageRender,
                    extra: Dict[str, Any], ssaa: int = 2) -> Dict[str, Any]:
     """Measure ``path``; write ``folder``/fidelity.json and ``folder``/preview.png; return the JSON record."""
     res = measure(path, frame, views, stage_render, ssaa)

@@ -13,13 +13,15 @@ copy the nearest chart texel (no seams under bilinear or mip-mapped lookups). Th
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
 
 from ..core import registry
+from ..core.base import ExportParts
 from ..core.errors import It3dError
 from ..core.surface import isosurface_mesh
 from ..core.typing import Float, Int, Tensor
@@ -45,6 +47,20 @@ def bake_texture(query, vertices: Float[Tensor, "V 3"], uv: Float[Tensor, "U 2"]
     return fill_gutter(tex, mask), mask
 
 
+@contextmanager
+def eval_mode(*modules):
+    """``modules`` (None skipped) in eval mode inside the block, each back in its own mode after it."""
+    mods = [m for m in modules if m is not None and hasattr(m, "train")]
+    was = [m.training for m in mods]
+    for m in mods:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, w in zip(mods, was):
+            m.train(w)
+
+
 @registry.register("mesh", kind="exporter")
 class MeshExporter(MeshAssetExporter):
     @dataclass
@@ -54,48 +70,39 @@ class MeshExporter(MeshAssetExporter):
 
     cfg: Config
 
-    def reference(self, system: Any) -> Dict[str, Any]:
-        dm = system._datamodule() if hasattr(system, "_datamodule") else None
-        if dm is None or not hasattr(dm, "reference"):
-            raise It3dError("mesh exporter: the system has no datamodule with a reference view (run --export "
-                            "through launch.py, which attaches the stage's single-image datamodule)")
-        return dm.reference
-
     def configure(self, **kwargs) -> None:
         super().configure(**kwargs)
         if self.cfg.bake_source not in ("renders", "field"):
             raise It3dError(f"export.bake_source must be 'renders' or 'field', got '{self.cfg.bake_source}'")
 
-    def surface(self, system: Any):
-        v, f = isosurface_mesh(system.geometry, self.cfg.isosurface_resolution, self.cfg.isosurface_threshold)
+    def surface(self, parts: ExportParts):
+        v, f = isosurface_mesh(parts.geometry, self.cfg.isosurface_resolution, self.cfg.isosurface_threshold)
         if f.shape[0] == 0:
             raise It3dError("export: the isosurface is empty; nothing to write")
         return v, f
 
     @torch.no_grad()
-    def bake(self, system, vertices, faces, uv, uv_faces, vmap, reference):
-        geo = system.geometry
+    def bake(self, parts, vertices, faces, uv, uv_faces, vmap, reference):
+        geo, material = parts.geometry, parts.material
+        if material is None:
+            raise It3dError("mesh exporter: the stage has no material to shade the field's features with")
         device = next(geo.parameters()).device
 
         def query(points):
             feats = geo(points.to(device), output_normal=False)["features"]
-            return system.material(feats, shading="albedo").cpu()
+            return material(feats, shading="albedo").cpu()
 
-        was = system.training
-        system.eval()
-        try:
+        with eval_mode(geo, material):
             c = self.cfg
             r = uv_texels(vertices, uv, uv_faces, vmap, c.texture_size)
             m = r["mask"]
             cols = query_colors(query, r["points"][m], c.chunk_size)
             info = {"chart_fraction": round(float(m.float().mean()), 4), "bake_source": c.bake_source}
             if c.bake_source == "renders":
-                seen_cols, seen = self.bake_from_renders(system, vertices, faces, r, reference)
+                seen_cols, seen = self.bake_from_renders(parts, vertices, faces, r, reference)
                 cols[seen] = seen_cols[seen].cpu()  # texels no view sees keep the field's albedo
                 info.update(seen_fraction=round(float(seen.float().mean()), 4), bake_render_size=c.render_size)
             tex = np.ones((c.texture_size, c.texture_size, 3), np.float32)
             tex[m.numpy()] = cols.numpy()
             tex = fill_gutter(tex, m.numpy())
-        finally:
-            system.train(was)
         return tex, info

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from ..core import io
-from ..core.base import BaseExporter
+from ..core.base import BaseExporter, ExportParts
 from ..core.errors import It3dError
 from ..core.registry import register
 from ..core.surface import fill_nearest
 from .conventions import asset_frame
 from .projection import blend_colors
-from .views import bake_views
+from .views import bake_views, reference_view
 
 
 @register("refined-point-cloud", kind="exporter")
@@ -48,14 +48,14 @@ class RefinedPointCloudExporter(BaseExporter):
             raise It3dError(f"refined-point-cloud: colors must be 'descriptor' or 'render', got '{self.cfg.colors}'")
 
     @torch.no_grad()
-    def point_colors(self, system: Any) -> torch.Tensor:
-        geo = system.geometry
+    def point_colors(self, parts: ExportParts, reference: Dict[str, Any]) -> torch.Tensor:
+        geo = parts.geometry
         if self.cfg.colors == "descriptor":
             return geo.colors().detach()
-        views = bake_views(system.reference(), self.cfg.elevations, self.cfg.azimuths, self.cfg.render_size)
+        views = bake_views(reference, self.cfg.elevations, self.cfg.azimuths, self.cfg.render_size)
         images, depths = [], []
         for view in views:
-            out = system.render_view(view.c2w, view.fovy, view.height, view.width)
+            out = parts.render_view(view.c2w, view.fovy, view.height, view.width)
             images.append(out["comp_rgb"][0].float())
             d = out["depth"][0, ..., 0].float()
             depths.append(torch.where(out["opacity"][0, ..., 0] > 0.5, d, torch.full_like(d, float("inf"))))
@@ -65,10 +65,10 @@ class RefinedPointCloudExporter(BaseExporter):
             raise It3dError("texture baking: no view sees the mesh (check the export cameras and the coarse mesh)")
         return fill_nearest(pts, cols, seen)
 
-    def export(self, system: Any, path: str) -> Dict[str, str]:
-        """Write the refine system's point cloud with colours to ``path`` (.ply)."""
-        geo = system.geometry
-        pts = geo.positions.detach().float().cpu().numpy()
-        az = float(system.reference()["azimuth"].reshape(-1)[0])
+    def export(self, parts: ExportParts, path: str) -> Dict[str, str]:
+        """Write the point cloud ``parts.geometry`` with colours to ``path`` (.ply)."""
+        reference = reference_view(parts, self)
+        pts = parts.geometry.positions.detach().float().cpu().numpy()
+        az = float(reference["azimuth"].reshape(-1)[0])
         frame = asset_frame(pts, az, self.cfg.scale, self.cfg.height, self.cfg.origin)
-        return {"ply": io.save_ply(path, frame.to_asset(pts).astype(np.float32), self.point_colors(system))}
+        return {"ply": io.save_ply(path, frame.to_asset(pts).astype(np.float32), self.point_colors(parts, reference))}

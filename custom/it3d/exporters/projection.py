@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core import cameras
+from ..core.cameras import Camera
 from ..core.errors import It3dError
 from ..core.typing import Bool, Float, Int, Tensor
 from ..renderers.mesh_rasterizer import rasterize_mesh
-from .views import BakeView
 
 
 def sample_image(img: Float[Tensor, "H W C"], xy: Float[Tensor, "N 2"]) -> Float[Tensor, "N C"]:
@@ -35,7 +35,7 @@ def sample_image(img: Float[Tensor, "H W C"], xy: Float[Tensor, "N 2"]) -> Float
 
 
 @torch.no_grad()
-def blend_colors(points: Float[Tensor, "N 3"], normals: Optional[Float[Tensor, "N 3"]], views: List[BakeView],
+def blend_colors(points: Float[Tensor, "N 3"], normals: Optional[Float[Tensor, "N 3"]], views: List[Camera],
                  images: List[Tensor], depths: List[Tensor], depth_tol: float, power: float, blend: str,
                  reference_weight: float) -> Tuple[Float[Tensor, "N 3"], Bool[Tensor, "N"]]:
     """Colour of each point from the views where it is visible (see the module docstring)."""
@@ -72,8 +72,8 @@ def blend_colors(points: Float[Tensor, "N 3"], normals: Optional[Float[Tensor, "
 
 
 @torch.no_grad()
-def project_colors(render: Callable[[BakeView], Tensor], vertices: Float[Tensor, "V 3"], faces: Int[Tensor, "F 3"],
-                   points: Float[Tensor, "N 3"], face_id: Int[Tensor, "N"], views: List[BakeView], depth_tol: float,
+def project_colors(render: Callable[[Camera], Tensor], vertices: Float[Tensor, "V 3"], faces: Int[Tensor, "F 3"],
+                   points: Float[Tensor, "N 3"], face_id: Int[Tensor, "N"], views: List[Camera], depth_tol: float,
                    power: float, blend: str, reference_weight: float) -> Tuple[Float[Tensor, "N 3"], Bool[Tensor, "N"]]:
     """Colours of surface ``points`` (on faces ``face_id`` of the mesh) from ``render(view) -> H W 3``."""
     if blend not in ("average", "best"):

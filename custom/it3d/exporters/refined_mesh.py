@@ -1,6 +1,6 @@
-"""Refined textured mesh: the coarse stage's mesh (``coarse.geometry.isosurface()``, decimated to
-``target_faces`` when set) with a UV texture (xatlas) baked from renders of the refined point
-cloud (neither official repository can export the refined result).
+"""Refined textured mesh: the coarse stage's mesh (``parts.surface``: the coarse geometry's
+``isosurface()``, decimated to ``target_faces`` when set) with a UV texture (xatlas) baked from
+renders of the refined point cloud (neither official repository can export the refined result).
 
 The deferred point renderer renders the bake views at ``render_size`` (800: the refine stage's
 training resolution, so the texture keeps what the U-Net learned) and every chart texel takes the
@@ -12,11 +12,11 @@ asset frame and the fidelity check: :class:`it3d.exporters.asset.MeshAssetExport
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Tuple
 
-import numpy as np
 import torch
 
+from ..core.base import ExportParts
 from ..core.errors import It3dError
 from ..core.registry import register
 from ..core.surface import isosurface_mesh
@@ -33,25 +33,21 @@ class RefinedMeshExporter(MeshAssetExporter):
 
     cfg: Config
 
-    def reference(self, system: Any) -> Dict[str, Any]:
-        return system.reference()
-
-    def surface(self, system: Any) -> Tuple[Tensor, Tensor]:
-        coarse = system.coarse
-        if coarse is None:
+    def surface(self, parts: ExportParts) -> Tuple[Tensor, Tensor]:
+        if parts.surface is None:
             raise It3dError("refined-mesh: no coarse stage configured (system.coarse_stage_dir): the refined mesh "
                             "is the coarse mesh re-textured; set system.mesh_exporter_type=none to skip it")
-        v, f = isosurface_mesh(coarse.geometry, self.cfg.isosurface_resolution, self.cfg.isosurface_threshold)
+        v, f = isosurface_mesh(parts.surface, self.cfg.isosurface_resolution, self.cfg.isosurface_threshold)
         if f.numel() == 0:
             raise It3dError("refined-mesh: the coarse isosurface is empty (is the coarse stage trained?)")
         return v, f
 
     @torch.no_grad()
-    def bake(self, system, vertices, faces, uv, uv_faces, vmap, reference):
+    def bake(self, parts, vertices, faces, uv, uv_faces, vmap, reference):
         t = self.cfg.texture_size
         r = uv_texels(vertices, uv, uv_faces, vmap, t)
         covered = r["mask"]
-        cols, seen = self.bake_from_renders(system, vertices, faces, r, reference)
+        cols, seen = self.bake_from_renders(parts, vertices, faces, r, reference)
         tex = torch.ones(t, t, 3)
         known = torch.zeros(t, t, dtype=torch.bool)
         tex[covered] = cols.cpu()

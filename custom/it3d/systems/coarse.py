@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..core import cameras
 from ..core import io, registry
-from ..core.base import Updateable
+from ..core.base import ExportParts, Updateable
 from ..core.config import ConfigError, component, terms
 from ..core.layout import TURNTABLE
 from ..core.typing import Float, Tensor
@@ -284,5 +284,12 @@ class CoarseSystem(BaseSystem):
     def on_predict_epoch_end(self) -> None:
         self.export()
 
+    def export_parts(self) -> ExportParts:
+        """What the exporter gets of this stage (never the system): its parts, ``render_view``, the reference view."""
+        dm = self._datamodule()
+        return ExportParts(geometry=self.geometry, material=self.material, background=self.background,
+                           renderer=self.renderer, render_view=self.render_view, device=self.device,
+                           reference=None if dm is None else getattr(dm, "reference", None))
+
     def export(self) -> Dict[str, str]:
-        return self.build_part("exporter", "exporter").export(self, self.get_save_path("export/mesh"))
+        return self.build_part("exporter", "exporter").export(self.export_parts(), self.get_save_path("export/mesh"))

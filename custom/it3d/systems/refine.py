@@ -39,6 +39,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..core import hub, io, registry
+from ..core.base import ExportParts
 from ..core.config import ConfigError, component, terms
 from ..core.errors import It3dError
 from ..core.layout import TURNTABLE
@@ -306,6 +307,15 @@ class RefineSystem(BaseSystem):
         self._check_points()
         self.export()
 
+    def export_parts(self, with_surface: bool = False) -> ExportParts:
+        """What an exporter gets of this stage (never the system): the point cloud, its renderer, ``render_view``,
+        the reference view and, ``with_surface``, the coarse stage's geometry (the surface the refined mesh
+        re-textures; the coarse stage is loaded only then)."""
+        reference = self.reference()
+        coarse = self.coarse if with_surface else None
+        return ExportParts(geometry=self.geometry, renderer=self.renderer, render_view=self.render_view,
+                           device=self.device, reference=reference, surface=None if coarse is None else coarse.geometry)
+
     def export(self) -> Dict[str, str]:
         """Run the configured exporters (``none`` skips one); returns the written paths."""
         written: Dict[str, str] = {}
@@ -315,7 +325,8 @@ class RefineSystem(BaseSystem):
             if name in (None, "", "none"):
                 continue
             exporter = self.build_part("exporter", cfg_field)
-            for k, p in exporter.export(self, self.get_save_path(target)).items():
+            parts = self.export_parts(with_surface=cfg_field == "mesh_exporter")
+            for k, p in exporter.export(parts, self.get_save_path(target)).items():
                 written[f"{cfg_field}.{k}"] = p
                 log.info(f"export: {p}")
         return written
