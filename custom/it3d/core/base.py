@@ -130,6 +130,7 @@ class BaseEstimator(BaseObject):
     pass
 
 
+@runtime_checkable  # a hint of ExportParts: --typecheck (beartype) checks it with isinstance
 class RenderView(Protocol):
     """A trained stage's render of one camera: ``(c2w (4 4), fovy_deg, height, width, **options) -> outputs with
     batch size 1`` (``comp_rgb``, ``opacity``, ``depth``...). Options a stage does not know are ignored
