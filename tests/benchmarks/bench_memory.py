@@ -54,6 +54,11 @@ ROWS = {
     "ci3d-coarse-fd": ("configs/customize-it-3d.yaml", "coarse", ["system.geometry.normal_type=finite_difference"],
                        {128: None, 256: None}),
     "ci3d-refine": ("configs/customize-it-3d.yaml", "refine", [], {800: None}),
+    # clip-d draws t once per step: t < 400 (the CLIP branch: a VAE decode with its backward at 512 px) or SDS
+    "mi3d-coarse-clip": ("configs/make-it-3d.yaml", "coarse", ["system.guidance.clip_d.max_step_percent=0.39"],
+                         {100: 14.8}),
+    "mi3d-refine-clip": ("configs/make-it-3d.yaml", "refine", ["system.guidance.clip_d.max_step_percent=0.39"],
+                         {800: 12.1}),
 }
 
 
@@ -98,7 +103,7 @@ def stage_config(config: str, stage: str, extra, work: str):
 
 
 def fake_cloud(system, n: int, seed: int = 0):
-    """``n`` points on a sphere of radius 0.35 at the origin (the coarse object's size in the reference frame:
+    """Instead of the builder (it needs a trained coarse stage, SAM and the img2img pipeline): ``n`` points on a sphere of radius 0.35 at the origin (the coarse object's size in the reference frame:
     border 0.2 at distance 1, fovy 60 -> +-0.46), coloured grey, the front third marked as reference points:
     the refine step's cost depends on the point count and the pixels they cover, not on their layout."""
     import torch
@@ -131,13 +136,15 @@ def measure_row(name: str, work: str, px: int, step: int) -> dict:
     dm, system = build_components(scfg, parsed, str(scfg.trial_dir), resumed=False)
     dm.prepare()
     if stage == "refine":
-        n = int(scfg.system.builder.get("num_points", 0) or 0) or int(scfg.system.get("num_points", 0) or 0)
+        b = scfg.system.builder  # mesh-sampling: its num_points; depth-unprojection: its cap (an upper bound)
+        n = int(b.get("num_points", 0) or 0) or int(b.get("max_points", 0) or 0) or 1_000_000
         fake_cloud(system, n)
     ref = dict(dm.reference)
     for g in system.guidance.values():
         g.set_prompt(getattr(dm, "caption", "") or "a photo of a teddy bear on a table")
         g.set_reference(ref)
-    system.log = lambda *a, **k: None
+    logged = {}
+    system.log = lambda k, v, **kw: logged.__setitem__(k, float(v))
     system.train()
     opt = system.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else (opt[0][0] if isinstance(opt, tuple) else opt)
@@ -166,7 +173,8 @@ def measure_row(name: str, work: str, px: int, step: int) -> dict:
             "points": getattr(system.geometry, "num_points", None), "resident_gb": m.resident_bytes / GiB,
             "step_peak_gb": m.peak_bytes / GiB, "peak_gb": m.peak_total_bytes / GiB,
             "freed_resident_gb": m.freed_resident_bytes / GiB, "allocations": m.allocations, "ms_step": round(ms),
-            "load_s": round(load_s, 1), "gpu_gb": gpu.get(px)}
+            "load_s": round(load_s, 1), "gpu_gb": gpu.get(px),
+            "clip_fraction": next((v for k, v in logged.items() if k.endswith("clip_fraction")), None)}
 
 
 # ----------------------------------------------------------------------------- driver
