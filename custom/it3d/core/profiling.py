@@ -1,4 +1,5 @@
-"""Count the device->host synchronisations a piece of code would make on a GPU, on any device.
+"""Count the device->host synchronisations a piece of code would make on a GPU, on any device; and
+measure the memory a step holds at its peak (:class:`peak_allocated`, at the end).
 
 On CUDA every ``.item()``, ``bool(tensor)``, ``nonzero`` or boolean-mask index stalls the host
 until the GPU has caught up, and makes the step impossible to capture with CUDA graphs or
@@ -30,7 +31,7 @@ from __future__ import annotations
 import os
 import traceback
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -168,10 +169,132 @@ class count_syncs:
         return False
 
 
-class peak_memory:
-    """Context manager -> :class:`MemoryPeak`: the peak of the bytes allocated inside the block (CPU and,
-    on a CUDA run, device memory, from the profiler's allocation events; frees of memory allocated
-    before the block count against it), for comparing the memory of two ways of doing one step::
+def _device_of(device) -> Optional[torch.device]:
+    if device is None:
+        return None
+    d = torch.device(device)
+    return torch.device(d.type, 0) if d.type == "cuda" and d.index is None else d
+
+
+def _same_device(dev_type, dev_index, want: Optional[torch.device]) -> bool:
+    if want is None:
+        return True
+    if str(dev_type).split(".")[-1].lower() != want.type:
+        return False
+    return want.type == "cpu" or dev_index == want.index
+
+
+def live_storages(device="cpu") -> Dict[int, int]:
+    """``data_ptr -> nbytes`` of the storages of every tensor a Python object holds on ``device`` (views
+    and tensors sharing a storage count once). Found through the garbage collector, which tracks every
+    tensor and parameter object; tensors only C++ holds (an autograd graph nobody references any more,
+    compiled-graph caches) are not seen."""
+    import gc
+
+    want = _device_of(device)
+    out: Dict[int, int] = {}
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):  # type(): no __class__ lookup on lazy module proxies
+            continue
+        try:
+            if want is not None and (obj.device.type != want.type or (want.type != "cpu" and obj.device.index != want.index)):
+                continue
+            st = obj.untyped_storage()
+            ptr, n = st.data_ptr(), st.nbytes()
+        except (RuntimeError, NotImplementedError, TypeError):  # meta / fake / sparse / wrapper subclasses
+            continue
+        if ptr and n:
+            out[ptr] = n
+    return out
+
+
+@dataclass
+class MemoryUse:
+    """What :class:`peak_allocated` measured on one device."""
+    resident_bytes: int = 0  # held by live tensor storages at entry (weights, optimizer states, caches)
+    peak_bytes: int = 0  # the most bytes allocated at once inside the block, above the entry
+    end_bytes: int = 0  # allocated inside the block and still held at its end (net of frees seen)
+    freed_resident_bytes: int = 0  # entry storages freed inside the block: their frees carry no size on a
+    # CPU (the profiler's allocator never saw them allocated), so ``peak_bytes`` may overstate by up to this
+    allocations: int = 0  # allocation events seen
+
+    @property
+    def peak_total_bytes(self) -> int:
+        """``resident_bytes + peak_bytes``: what ``torch.cuda.max_memory_allocated`` would report for the
+        block after ``reset_peak_memory_stats`` (without the allocator's rounding to 512-byte blocks)."""
+        return self.resident_bytes + self.peak_bytes
+
+    def report(self) -> str:
+        g = 2 ** 30
+        return (f"resident {self.resident_bytes / g:.3f} GiB + step peak {self.peak_bytes / g:.3f} GiB = "
+                f"{self.peak_total_bytes / g:.3f} GiB ({self.allocations} allocations"
+                + (f", {self.freed_resident_bytes / g:.3f} GiB of resident storages freed inside" if self.freed_resident_bytes else "")
+                + ")")
+
+
+class peak_allocated:
+    """Context manager -> :class:`MemoryUse`: the peak of the bytes held by tensor storages on ``device``
+    while the block runs, forward and backward, and the bytes held at entry (the resident weights)::
+
+        system.zero_grad(set_to_none=True)
+        with peak_allocated("cpu") as m:
+            loss = system.training_step(batch, 0)["loss"]
+            loss.backward()
+        m.resident_bytes, m.peak_bytes, m.peak_total_bytes
+
+    Mechanism: the profiler's memory events (``profile_memory=True``): every allocation and free the
+    device's allocator makes, with its size and time -- op outputs, the tensors autograd saves for the
+    backward pass, a kernel's temporaries, gradients -- summed in time order; the peak of the running sum
+    is ``peak_bytes``. Exact on a CPU (its allocator allocates exactly what is asked); on CUDA the caching
+    allocator's events are its 512-byte-rounded blocks. Not seen: memory a library allocates without the
+    PyTorch allocator (BLAS packing buffers, oneDNN scratchpads on a CPU; cuBLAS / cuDNN workspaces come
+    from the caching allocator and are seen on CUDA), and allocations on threads the profiler does not
+    follow (inside OpenMP regions, where kernels rarely allocate). ``resident_bytes`` comes from
+    :func:`live_storages` at entry (``resident=False`` skips that scan). A free of a storage that existed
+    before the block carries no size on a CPU, so the sum does not drop: ``freed_resident_bytes`` says by
+    how much the peak can be overstated (call ``zero_grad(set_to_none=True)`` before the block).
+    """
+
+    def __init__(self, device="cpu", resident: bool = True) -> None:
+        self.device = _device_of(device)
+        self.resident = resident
+        self.result = MemoryUse()
+
+    def __enter__(self) -> MemoryUse:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._entry = live_storages(self.device) if self.resident else {}
+        self.result.resident_bytes = sum(self._entry.values())
+        cuda = torch.cuda.is_available() and (self.device is None or self.device.type == "cuda")
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self._prof = profile(activities=acts, profile_memory=True)
+        self._prof.__enter__()
+        return self.result
+
+    def __exit__(self, *exc) -> bool:
+        self._prof.__exit__(*exc)
+        events = [(e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and _same_device(e.device_type(), e.device_index(), self.device)]
+        self._prof = None
+        events.sort(key=lambda e: e[0])
+        cur = peak = allocs = 0
+        for _, n in events:
+            cur += n
+            allocs += n > 0
+            peak = max(peak, cur)
+        r = self.result
+        r.peak_bytes, r.end_bytes, r.allocations = peak, cur, allocs
+        if self.resident:
+            still = live_storages(self.device)
+            r.freed_resident_bytes = sum(n for p, n in self._entry.items() if still.get(p) != n)
+        self._entry = {}
+        return False
+
+
+class peak_memory(peak_allocated):
+    """Context manager -> :class:`MemoryUse`: the peak of the bytes allocated inside the block, on every
+    device (CPU and, on a CUDA run, device memory), without the resident scan; for comparing the memory of
+    two ways of doing one step::
 
         with peak_memory() as m:
             step()
@@ -179,29 +302,7 @@ class peak_memory:
     """
 
     def __init__(self) -> None:
-        self.result = MemoryPeak()
-
-    def __enter__(self) -> "MemoryPeak":
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        self._prof = profile(activities=acts, profile_memory=True)
-        self._prof.__enter__()
-        return self.result
-
-    def __exit__(self, *exc) -> bool:
-        self._prof.__exit__(*exc)
-        events = [e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        events.sort(key=lambda e: e.start_ns())
-        cur = peak = 0
-        for e in events:
-            cur += e.nbytes()
-            peak = max(peak, cur)
-        self.result.peak_bytes, self.result.end_bytes = peak, cur
-        return False
+        super().__init__(device=None, resident=False)
 
 
-@dataclass
-class MemoryPeak:
-    peak_bytes: int = 0  # the most bytes allocated at once inside the block, above what was allocated before it
-    end_bytes: int = 0  # still allocated when it ended
+MemoryPeak = MemoryUse  # the old name
