@@ -164,7 +164,7 @@ def measure_row(name: str, work: str, px: int, step: int) -> dict:
     load_s = time.time() - t0
     s = next(k for k in range(step, step + 200) if not dm.train_batch(k)["use_ref"]) if stage == "coarse" else step
     batch = dm.train_batch(s)
-    system._fallback_step = s
+    system.set_step(s)
     torch.manual_seed(0)
     system.zero_grad(set_to_none=True)
     gc.collect()
