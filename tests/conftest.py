@@ -75,3 +75,16 @@ def hand_converted_zero123(dst):
     with open(os.path.join(dst, "model_index.json"), "w") as f:
         json.dump(index, f)
     return str(dst)
+
+
+def rgb_photo(path):
+    """The synthetic scene's photo (load/synthetic/rgba.png) composited on white, without alpha and without
+    sibling maps: every preprocessing estimator must run on it."""
+    import numpy as np
+    from PIL import Image
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rgba = np.asarray(Image.open(os.path.join(root, "load", "synthetic", "rgba.png"))).astype(np.float32) / 255.0
+    rgb = rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
+    Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).save(path)
+    return str(path)

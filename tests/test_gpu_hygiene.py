@@ -15,6 +15,7 @@ from it3d.core.base import BaseBuilder
 from it3d.runner.cli import import_extensions, prepare_config
 from it3d.testing import tiny_model_dir
 
+from conftest import rgb_photo
 from test_launch import EXT, ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,17 +134,6 @@ def test_refine_drops_the_builders_models_once_the_cloud_is_built(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the run's device everywhere
-def _rgb_photo(path):
-    """The synthetic scene's photo without its alpha (on white) and without sibling maps: every estimator runs."""
-    import numpy as np
-    from PIL import Image
-
-    rgba = np.asarray(Image.open(os.path.join(ROOT, "load", "synthetic", "rgba.png"))).astype(np.float32) / 255.0
-    rgb = rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
-    Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).save(path)
-    return str(path)
-
-
 @pytest.fixture
 def device_spy(monkeypatch):
     """Records the device every preprocessing estimator is built for and every model is loaded on."""
@@ -176,7 +166,7 @@ ESTIMATORS = {"data.preprocess.mask", "data.preprocess.depth", "data.preprocess.
 def test_preprocess_stage_runs_every_estimator_on_the_runs_device(tmp_path, device_spy):
     from it3d.runner import pipeline
 
-    photo = _rgb_photo(tmp_path / "photo.png")
+    photo = rgb_photo(tmp_path / "photo.png")
     cfg, parsed = prepare_config([os.path.join(ROOT, "configs", "tiny", "make-it-3d.yaml")], [
         f"data.image_path={photo}", f"exp_root_dir={tmp_path}", "data.preprocess.size=64",
         "data.preprocess.max_side=64"], device=RUN_DEVICE)
@@ -189,7 +179,7 @@ def test_preprocess_stage_runs_every_estimator_on_the_runs_device(tmp_path, devi
 
 
 def test_single_stage_data_module_preprocesses_on_the_runs_device(tmp_path, device_spy):
-    photo = _rgb_photo(tmp_path / "photo.png")
+    photo = rgb_photo(tmp_path / "photo.png")
     pre = "data.preprocess"
     cfg, parsed = prepare_config([os.path.join(ROOT, "configs", "tiny", "coarse.yaml")], [
         f"data.image_path={photo}", f"trial_dir={tmp_path / 'trial'}", f"{pre}.size=64", f"{pre}.max_side=64",

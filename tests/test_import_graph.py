@@ -135,16 +135,22 @@ def edges() -> List[Edge]:
 
 
 # ----------------------------------------------------------------------------- the reader itself
-def test_reader_resolves_relative_and_function_level_imports(tmp_path, monkeypatch):
-    pkg = tmp_path / "it3d" / "data"
-    pkg.mkdir(parents=True)
-    (tmp_path / "it3d" / "core").mkdir()
-    (tmp_path / "it3d" / "core" / "cameras.py").write_text("")
-    (pkg / "__init__.py").write_text("from . import single\n")
-    (pkg / "single.py").write_text("import os\nfrom ..core import cameras\nfrom .base import X\n"
-                                   "def f():\n    from ..preprocess.entry import g\n"
-                                   "from it3d.core.image import read_image\nimport it3d.eval.metrics\n")
+def fake_tree(tmp_path, monkeypatch, files: Dict[str, str]):
+    """A made-up ``it3d`` package (``{relative path: source}``) that the reader reads instead of the real one."""
+    for rel, text in files.items():
+        path = tmp_path / "it3d" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path / "it3d"))
+    return tmp_path / "it3d"
+
+
+def test_reader_resolves_relative_and_function_level_imports(tmp_path, monkeypatch):
+    pkg = fake_tree(tmp_path, monkeypatch, {
+        "core/cameras.py": "", "data/__init__.py": "from . import single\n",
+        "data/single.py": "import os\nfrom ..core import cameras\nfrom .base import X\n"
+                          "def f():\n    from ..preprocess.entry import g\n"
+                          "from it3d.core.image import read_image\nimport it3d.eval.metrics\n"}) / "data"
     got = sorted((e.dst, e.in_function) for e in imports_of(str(pkg / "single.py")))
     assert got == [("it3d.core.cameras", False), ("it3d.core.image", False), ("it3d.data.base", False),
                    ("it3d.eval.metrics", False), ("it3d.preprocess.entry", True)]
@@ -155,15 +161,10 @@ def test_reader_resolves_relative_and_function_level_imports(tmp_path, monkeypat
 
 
 def test_reader_marks_entry_script_imports(tmp_path, monkeypatch):
-    pkg = tmp_path / "it3d" / "eval"
-    pkg.mkdir(parents=True)
-    (tmp_path / "it3d" / "batch").mkdir()
-    (tmp_path / "it3d" / "batch" / "cli.py").write_text("")
-    (pkg / "metrics.py").write_text("")
-    (pkg / "runner.py").write_text("from . import metrics\nif __name__ == '__main__':\n"
-                                   "    from it3d.batch import cli\n")
-    (pkg / "__main__.py").write_text("from it3d.batch import cli\n")
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path / "it3d"))
+    pkg = fake_tree(tmp_path, monkeypatch, {
+        "batch/cli.py": "", "eval/metrics.py": "",
+        "eval/runner.py": "from . import metrics\nif __name__ == '__main__':\n    from it3d.batch import cli\n",
+        "eval/__main__.py": "from it3d.batch import cli\n"}) / "eval"
     got = imports_of(str(pkg / "runner.py")) + imports_of(str(pkg / "__main__.py"))
     assert sorted((e.dst, e.entry) for e in got) == [("it3d.batch.cli", True), ("it3d.batch.cli", True),
                                                      ("it3d.eval.metrics", False)]

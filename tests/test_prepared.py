@@ -16,18 +16,11 @@ from it3d.runner.cli import attach_prepared, prepare_config
 from it3d.testing import tiny_model_dir
 from it3d.testing.scene import make_scene
 
+from conftest import rgb_photo
 from test_launch import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = os.path.join(ROOT, "configs", "tiny")
-
-
-def _rgb_photo(path):
-    """The synthetic scene's photo on white, without alpha and without sibling maps: every estimator must run."""
-    rgba = np.asarray(Image.open(os.path.join(ROOT, "load", "synthetic", "rgba.png"))).astype(np.float32) / 255.0
-    rgb = rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
-    Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).save(path)
-    return str(path)
 
 
 @pytest.fixture
@@ -89,7 +82,7 @@ def test_staged_run_preprocesses_once_and_every_stage_loads_the_record(tmp_path,
     refine get data.prepared and their datamodules frame the record's RGBA (the photo has no alpha)."""
     from it3d.runner import cli, pipeline
 
-    photo = _rgb_photo(tmp_path / "photo.png")
+    photo = rgb_photo(tmp_path / "photo.png")
     seen = {}
 
     def fake_stage(scfg, sparsed, mode, dev, callbacks=None, **kw):  # build the stage's datamodule as the runner does
@@ -117,7 +110,7 @@ def test_staged_run_preprocesses_once_and_every_stage_loads_the_record(tmp_path,
 
 
 def test_single_stage_run_preprocesses_once_then_reuses_its_record(tmp_path, count_preprocessing):
-    photo = _rgb_photo(tmp_path / "photo.png")
+    photo = rgb_photo(tmp_path / "photo.png")
     pre = "data.preprocess"
     cfg, parsed = prepare_config([os.path.join(TINY, "coarse.yaml")], [
         f"data.image_path={photo}", f"trial_dir={tmp_path / 'trial'}", f"{pre}.size=64", f"{pre}.max_side=64",

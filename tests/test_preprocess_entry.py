@@ -19,7 +19,7 @@ from it3d.testing import tiny_model_dir
 from it3d.testing import realfusion15_dir
 
 RF15 = realfusion15_dir()
-needs_rf15 = pytest.mark.skipif(not os.path.isdir(RF15), reason="RealFusion15 not available")
+needs_rf15 = pytest.mark.skipif(not os.path.isdir(RF15), reason=f"RealFusion15 inputs not found at {RF15} (set IT3D_REALFUSION15)")
 SIZE, BORDER = 64, 0.2
 
 

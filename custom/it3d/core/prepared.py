@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from . import io
 from .errors import It3dError
@@ -109,12 +109,17 @@ class PreparedImage:
         return record
 
 
-def stage_record(stage_dir: str) -> Optional[PreparedImage]:
-    """The record a single-stage run kept in its own dir (``<stage_dir>/prepared.json``), None without one."""
+def use_stage_record(datamodule: Any, stage_dir: str) -> None:
+    """A datamodule rebuilt from a finished stage's config (``load_stage``, evaluation) gets the record that
+    stage used: ``data.prepared`` when its config names one, else the one a single-stage run kept in its own
+    dir (``<stage_dir>/prepared.json``). Datamodules that take no record are left alone."""
     from .layout import StageDir
 
+    if not hasattr(datamodule, "prepared_image") or datamodule.cfg.prepared:
+        return
     path = StageDir(stage_dir).prepared
-    return PreparedImage.load(path) if os.path.isfile(path) else None
+    if os.path.isfile(path):
+        datamodule.prepared_image = PreparedImage.load(path)
 
 
 @dataclass(frozen=True)
@@ -133,10 +138,13 @@ def _has_alpha(path: str) -> bool:
     return read_image(path).shape[-1] == 4
 
 
-def needs_preprocessing(inputs: ImageInputs) -> List[str]:
-    """What the given files lack (``mask``, ``depth``, ``normal``, ``caption``); empty: no preprocessing."""
+def needs_preprocessing(inputs: ImageInputs, has_alpha: Optional[bool] = None) -> List[str]:
+    """What the given files lack (``mask``, ``depth``, ``normal``, ``caption``); empty: no preprocessing.
+    ``has_alpha``: whether the photo has an alpha channel, when the caller has decoded it already."""
     why = []
-    if not _has_alpha(inputs.image_path) and not inputs.mask_path:
+    if has_alpha is None:
+        has_alpha = _has_alpha(inputs.image_path)
+    if not has_alpha and not inputs.mask_path:
         why.append("mask")
     why += [k for k in MAP_KINDS if inputs.required(k) and inputs.given_map(k) is None]
     if not inputs.caption:
@@ -144,11 +152,11 @@ def needs_preprocessing(inputs: ImageInputs) -> List[str]:
     return why
 
 
-def sources(inputs: ImageInputs, prepared: Optional[PreparedImage]) -> Sources:
+def sources(inputs: ImageInputs, prepared: Optional[PreparedImage], has_alpha: Optional[bool] = None) -> Sources:
     """The files to read for ``inputs``: the given ones when they hold the mask and every required map,
     else the prepared RGBA and its maps (a required map missing from both is an error naming the fix)."""
     caption = inputs.caption or (prepared.caption if prepared else "")
-    lacking = [k for k in needs_preprocessing(inputs) if k != "caption"]
+    lacking = [k for k in needs_preprocessing(inputs, has_alpha) if k != "caption"]
     if not lacking:
         maps = {k: p for k in MAP_KINDS if (p := inputs.given_map(k))}
         conv = {"depth": inputs.depth_convention, "normal": inputs.normal_convention}

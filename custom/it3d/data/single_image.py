@@ -139,9 +139,11 @@ class SingleImageDataModule(BaseDataModule, Updateable):
         if self._planes is not None:
             return self
         c = self.cfg
-        check_photo_size(read_image(c.image_path).shape, c.image_path)
-        src = sources(self.image_inputs(), self._record())
-        img = read_image(src.image)
+        img = read_image(c.image_path)
+        check_photo_size(img.shape, c.image_path)
+        src = sources(self.image_inputs(), self._record(), has_alpha=img.shape[-1] == 4)
+        if src.image != c.image_path:
+            img = read_image(src.image)
         if img.shape[-1] == 4:
             rgb, alpha = img[..., :3], img[..., 3:]
         else:

@@ -32,6 +32,7 @@ import torch
 
 from ..core.errors import It3dError
 from ..core.layout import StageDir
+from ..core.prepared import use_stage_record
 
 log = logging.getLogger("it3d.eval")
 EXPORT_EXTS = (".obj", ".glb", ".ply", ".mtl", ".png")
@@ -152,10 +153,7 @@ def reference_from_datamodule(stage_dir: str, size: Tuple[int, int]):
         data["caption"] = "evaluation"  # the caption is not needed: never run the captioner here
     try:
         dm = registry.get("datamodule", str(cfg.get("data_type", "single-image")))(data, path="data")
-        if hasattr(dm, "prepared_image") and not data.get("prepared"):
-            from ..core.prepared import stage_record
-
-            dm.prepared_image = stage_record(stage_dir)  # a single-stage trial keeps its record beside its config
+        use_stage_record(dm, stage_dir)
         ref = dm.reference_at(*size) if hasattr(dm, "reference_at") else dm.reference
     except (It3dError, ValueError, KeyError, OSError) as e:
         log.warning(f"evaluation: reference view from the datamodule of {stage_dir} failed ({e}); trying the cache")

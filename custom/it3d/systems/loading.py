@@ -18,6 +18,7 @@ from ..core.checkpoint import newest_readable, require_readable
 from ..core.config import validate_experiment
 from ..core.errors import It3dError
 from ..core.layout import StageDir
+from ..core.prepared import use_stage_record
 
 
 def load_stage(stage_dir: Optional[str] = None, device="cpu", config_path: Optional[str] = None,
@@ -57,10 +58,7 @@ def load_stage(stage_dir: Optional[str] = None, device="cpu", config_path: Optio
     system.set_step(int(state.get("global_step", 0)))
     system.do_update_step(0, system.resumed_step, on_load_weights=True)
     system.to(device).eval()
-    if hasattr(dm, "prepared_image") and not dm.cfg.prepared:
-        from ..core.prepared import stage_record
-
-        dm.prepared_image = stage_record(stage_dir)  # a single-stage trial keeps its record beside its config
+    use_stage_record(dm, stage_dir)
     if hasattr(dm, "prepare"):
         dm.prepare()
     return system, dm
