@@ -119,6 +119,113 @@ def test_input_gradient_matches_finite_differences():
             torch.testing.assert_close(g[:, a], fd, atol=2e-2, rtol=2e-2)
 
 
+def graph_encode(enc: HashGridEncoding, x: torch.Tensor) -> torch.Tensor:
+    """The encoding as plain differentiable torch ops (8 gathers x trilinear weights per level), so autograd
+    builds its own graph at every order: the reference for the recomputing :class:`HashGridFunction`."""
+    xs = x.float().clamp(0.0, 1.0).t()
+    outs = []
+    for lo, hi, dense in enc._groups():
+        idx, w, _ = enc._corners(xs, lo, hi, dense)
+        outs.append(sum(enc.params[i] * wc.unsqueeze(-1) for i, wc in zip(idx, w)))
+    return torch.cat(outs, 0).permute(1, 0, 2).reshape(x.shape[0], enc.n_output_dims)
+
+
+def test_recomputing_function_matches_autograd_graph_to_second_order():
+    """The torch path's recomputing Function (kept: x; the cells and weights recomputed by its backward
+    kernels) against autograd's graph of the plain gathers: values, table and input gradients, the analytic
+    normal's loss differentiated through the input gradient (create_graph), and the table gradient
+    differentiated w.r.t. the upstream gradient -- on dense and hashed levels, cell edges and clamped points."""
+    torch.manual_seed(4)
+    enc = HashGridEncoding(SMALL)
+    with torch.no_grad():
+        enc.params.uniform_(-1, 1)
+    x = torch.cat([torch.rand(30, 3), EDGES])
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Softplus(), torch.nn.Linear(16, 1))
+    v, u = torch.randn(x.shape[0], 3), torch.randn(enc.params.shape)
+    got = []
+    for fn in (lambda p: enc(p, twice_differentiable=True), lambda p: graph_encode(enc, p)):
+        pts = x.clone().requires_grad_(True)
+        out = fn(pts)
+        dens = mlp(out)
+        (gx,) = torch.autograd.grad(dens.sum(), pts, create_graph=True)
+        loss = (torch.nn.functional.normalize(gx, dim=-1) * v).sum() + 0.1 * dens.square().sum()
+        enc.params.grad = None
+        mlp.zero_grad()
+        loss.backward()
+        g = torch.randn(x.shape[0], enc.n_output_dims, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        gt, gx1 = torch.autograd.grad(fn(pts), (enc.params, pts), g, create_graph=True)
+        gg, gtab = torch.autograd.grad((gt * u).sum() + (gx1 * v).sum(), (g, enc.params))
+        got.append([out.detach(), gx.detach(), enc.params.grad.clone(), *[q.grad.clone() for q in mlp.parameters()],
+                    gt.detach(), gx1.detach(), gg, gtab])
+        if len(got) == 1:
+            assert out.grad_fn.name().startswith("TorchHashGrid")
+    assert torch.count_nonzero(got[1][2]) > 0 and torch.count_nonzero(got[1][-1]) > 0
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_recomputing_function_keeps_only_the_points_and_the_upstream_gradient():
+    """What the analytic-normal graph holds per point: the points (3 floats) for the encoding and the upstream
+    gradient (L x F floats) for its differentiable backward -- not the 8 x L corner rows and weights (and
+    their products) of autograd's own graph, which cost ~7 KB a point on the paper's grid."""
+    enc = HashGridEncoding({**SMALL, "n_levels": 16, "max_resolution": 256})
+    n = 512
+    pts = torch.rand(n, 3).requires_grad_(True)
+    g0 = torch.randn(n, enc.n_output_dims)
+    params = {enc.params.data_ptr()}
+    saved = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved[t.data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    for fn, want in ((lambda p: enc(p, twice_differentiable=True), n * 3 * 4 + n * 16 * 2 * 4),
+                     (lambda p: graph_encode(enc, p), None)):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.autograd.grad(fn(pts), pts, g0, create_graph=True)
+        if want is not None:
+            assert sum(saved.values()) == want
+        else:  # the reference graph: more than 20x that
+            assert sum(saved.values()) > 20 * (n * 3 * 4 + n * 16 * 2 * 4)
+
+
+def test_own_input_gradient_computes_each_gradient_once(monkeypatch):
+    """Analytic normals of a geometry that made its points a leaf itself: the normal's autograd.grad asks the
+    kernels for the input gradient only, the step's backward for the table gradient only -- and the
+    parameters get the same gradients as without the pass; points that already require grad (someone reads
+    their gradient) get both, as before."""
+    from it3d.core.registry import get
+    from it3d.encodings.hash_grid import TorchKernels
+
+    torch.manual_seed(0)
+    geo = get("geometry", "implicit-volume")({"pos_encoding": {"otype": "HashGrid", **SMALL}}, path="g").train()
+    calls = []
+    orig = TorchKernels.backward
+    monkeypatch.setattr(TorchKernels, "backward", lambda self, x, t, g, wx, wt: calls.append((wx, wt)) or orig(
+        self, x, t, g, wx, wt))
+    x = torch.rand(64, 3) - 0.5
+    v = torch.randn(64, 3)
+    grads = {}
+    for case in ("own", "needs grad", "reference"):
+        calls.clear()
+        geo.zero_grad(set_to_none=True)
+        pts = x.clone().requires_grad_(case == "needs grad")
+        if case == "reference":  # autograd's own graph of the encoding
+            monkeypatch.setattr(geo.encoding, "forward", lambda p, twice=False: graph_encode(geo.encoding, p))
+        out = geo(pts, output_normal=True, normal_grad=True)
+        (out["density"].sum() + out["features"].sum() + (out["normal"] * v).sum()).backward()
+        grads[case] = [p.grad.clone() for p in geo.parameters()]
+        if case == "own":
+            assert calls == [(True, False), (False, True)]
+        elif case == "needs grad":
+            assert calls == [(True, True), (True, True)] and pts.grad is not None and pts.grad.abs().sum() > 0
+    for case in ("own", "needs grad"):
+        for a, b in zip(grads[case], grads["reference"]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_frequency_encoding_closed_form():
     enc = FrequencyEncoding({"n_frequencies": 3}, n_input_dims=2)
     x = torch.tensor([[0.25, -0.5]])

@@ -14,6 +14,7 @@ render + loss + backward, and the grid update separately) and prints the sample-
 (occupied samples / evaluated slots / all samples).
 
     python tests/benchmarks/bench_coarse.py --device cpu --sizes 64 128 --steps 3 [--sparse] [--threads 1]
+    python tests/benchmarks/bench_coarse.py --sizes 64 --shading lambertian --memory   # + one step's peak bytes
     python tests/benchmarks/bench_coarse.py --device cuda --sizes 64 128 256 --steps 20 --encoding-backend triton
     python tests/benchmarks/bench_coarse.py --src /path/to/other/checkout/custom ...   # before/after: same bench,
                                                                                        # another version of it3d
@@ -37,8 +38,9 @@ from it3d.core.cameras import get_rays, spherical_c2w  # noqa: E402
 from it3d.renderers import volume as volume_mod  # noqa: E402
 
 
-def _load_profiling():
-    """count_syncs from this checkout (a standalone file), so an older --src can be measured too."""
+def _load_profiling(name: str = "count_syncs"):
+    """count_syncs / peak_allocated from this checkout (a standalone file), so an older --src can be measured
+    too."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_bench_profiling", os.path.join(HERE_SRC, "it3d", "core",
@@ -46,7 +48,7 @@ def _load_profiling():
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
-    return mod.count_syncs
+    return getattr(mod, name)
 
 
 class Timers:
@@ -158,7 +160,8 @@ def run(size: int, args, device: torch.device) -> dict:
             counter.cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
             opt.zero_grad(set_to_none=True)
             return
-        out = ren(ro, rd, light_positions=lights, c2w=c2w)
+        # the shading asked for (the material's own draw would mix in its default albedo weight)
+        out = ren(ro, rd, light_positions=lights, c2w=c2w, shading=args.shading, normal_grad=args.normal_grad)
         loss = (out["comp_rgb"] - target).abs().mean()
         if timers is None:
             loss.backward()
@@ -193,6 +196,12 @@ def run(size: int, args, device: torch.device) -> dict:
     syncs = counter.counter
     with count_syncs() as update_syncs:
         ren.do_update_step(0, ren.grid.cfg.update_every * 1000)
+    mem = mem_stats = None
+    if args.memory:  # one whole step (render, loss, backward, Adam) under the allocator's events
+        opt.zero_grad(set_to_none=True)
+        with _load_profiling("peak_allocated")(device) as mem:
+            step(400)
+        mem_stats = {k: int(v) for k, v in ren.last_stats.items()}  # its own samples (the grid was updated)
     timers = Timers(device)
     instrument(geo, mat, ren, timers)
     for i in range(args.profile_steps):
@@ -201,7 +210,7 @@ def run(size: int, args, device: torch.device) -> dict:
             "grid_update_s": grid_update_s, "stats": stats, "timers": dict(timers.total),
             "syncs": syncs.count, "uploads": syncs.uploads, "update_syncs": update_syncs.count,
             "cuda_syncs": getattr(counter, "cuda_syncs", 0) if device.type == "cuda" else None,
-            "sync_sites": syncs.by_site()}
+            "sync_sites": syncs.by_site(), "memory": mem, "memory_stats": mem_stats}
 
 
 def rss_peak_mb() -> float:
@@ -223,11 +232,17 @@ def main() -> None:
     p.add_argument("--encoding-backend", default="auto", help="hash grid backend: auto | torch | triton | tcnn")
     p.add_argument("--sample-capacity-margin", default=None,
                    help="renderer.sample_capacity_margin (default: the renderer's, auto: exact on CPU, 1.5 on GPU)")
+    p.add_argument("--normal-grad", default=None, choices=["on", "off"],
+                   help="gradients through the analytic normals (on: the second-order graph a normal loss needs; off: "
+                        "normals as constants of the step); default: the renderer's (on in training)")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure one step's peak allocation (it3d.core.profiling.peak_allocated: exact on CPU)")
     p.add_argument("--src", default=HERE_SRC, help="the it3d source dir to measure (default: this checkout)")
     p.add_argument("--sparse", action="store_true",
                    help="bias the density down so the occupancy grid skips most samples (a trained scene's case); "
                         "default: the initial blob, whose trunc_exp fog fills the whole box")
     args = p.parse_args()
+    args.normal_grad = None if args.normal_grad is None else args.normal_grad == "on"
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -252,6 +267,10 @@ def main() -> None:
               f"syncs per step: {r['syncs']} in render+loss+backward ({r['uploads']} uploads), "
               f"{r['update_syncs']} in a grid update"
               + ("" if r["cuda_syncs"] is None else f"; CUDA sync-debug warnings in that step: {r['cuda_syncs']}"))
+        if r["memory"] is not None:
+            m, ms = r["memory"], r["memory_stats"]
+            slots = max(ms.get("n_slots", ms.get("n_evaluated", 0)), 1)
+            print(f"  step memory: {m.report()}; {slots} evaluated slots, step peak / slot = {m.peak_bytes / slots:.0f} B")
         for site, n in sorted(r["sync_sites"].items()):
             print(f"    sync x{n} {site}")
         tot = sum(r["timers"].values())

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hash_grid import PRIMES
+from .hash_grid import PRIMES, HashGridFunction
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -194,61 +194,41 @@ def _forward(x, table, res, offsets, dense, hmask: int):
     return out
 
 
-class TritonHashGrid(torch.autograd.Function):
-    """``(x: N 3 float32, table: T F float32, res: L float32, offsets: L int64, dense: L int32, hmask)
-    -> N (L F)``. Its backward is itself differentiable w.r.t. the table and the upstream gradient
-    (:class:`_Backward`), so ``create_graph=True`` works (analytic normals trained with a normal
-    loss); second derivatives w.r.t. ``x`` itself are not provided (the renderer's sample points
-    are constants)."""
+class TritonKernels:
+    """The three kernels behind :class:`it3d.encodings.hash_grid.HashGridFunction`'s interface (see
+    :class:`it3d.encodings.hash_grid.TorchKernels`, the reference): ``(res: L float32, offsets: L int64,
+    dense: L int32, hmask)`` are the encoding's level constants on the input's device."""
 
-    @staticmethod
-    def forward(ctx, x, table, res, offsets, dense, hmask: int):
-        ctx.save_for_backward(x, table, res, offsets, dense)
-        ctx.hmask = hmask
-        return _forward(x, table, res, offsets, dense, hmask)
+    def __init__(self, res, offsets, dense, hmask: int) -> None:
+        self.res, self.offsets, self.dense, self.hmask = res, offsets, dense, hmask
 
-    @staticmethod
-    def backward(ctx, g):
-        x, table, res, offsets, dense = ctx.saved_tensors
-        gx, gt = _Backward.apply(x, table, g.float().contiguous(), res, offsets, dense, ctx.hmask,
-                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return gx, gt, None, None, None, None
+    def forward(self, x, table):
+        return _forward(x, table, self.res, self.offsets, self.dense, self.hmask)
 
-
-class _Backward(torch.autograd.Function):
-    """``(x, table, g) -> (d/dx, d/dtable)`` of ``<TritonHashGrid(x, table), g>``; differentiable once
-    more w.r.t. ``table`` and ``g``."""
-
-    @staticmethod
-    def forward(ctx, x, table, g, res, offsets, dense, hmask: int, want_x: bool, want_t: bool):
-        n, f, lv = x.shape[0], table.shape[1], res.shape[0]
+    def backward(self, x, table, g, want_x: bool, want_t: bool):
+        n, f, lv = x.shape[0], table.shape[1], self.res.shape[0]
         gt = torch.zeros_like(table) if want_t else None
         gx = torch.zeros_like(x) if want_x else None
         if n > 0 and (want_x or want_t):
             blk = _block(n)
-            _hash_bwd[(triton.cdiv(n, blk),)](x, table, res, offsets, dense, g, table if gt is None else gt,
-                                              x if gx is None else gx, n, hmask, PRIMES[1], PRIMES[2], L=lv, F=f,
-                                              BLOCK=blk, WANT_TABLE=want_t, WANT_X=want_x)
-        ctx.save_for_backward(x, table, g, res, offsets, dense)
-        ctx.hmask = hmask
+            _hash_bwd[(triton.cdiv(n, blk),)](x, table, self.res, self.offsets, self.dense, g,
+                                              table if gt is None else gt, x if gx is None else gx, n, self.hmask,
+                                              PRIMES[1], PRIMES[2], L=lv, F=f, BLOCK=blk, WANT_TABLE=want_t,
+                                              WANT_X=want_x)
         return gx, gt
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, ggx, ggt):
-        x, table, g, res, offsets, dense = ctx.saved_tensors
-        want_t, want_g = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        n, f, lv = x.shape[0], table.shape[1], res.shape[0]
-        gtable = torch.zeros_like(table) if want_t and ggx is not None else None
-        gg = None
-        if ggx is not None and n > 0 and (want_t or want_g):
-            gg = torch.empty_like(g) if want_g else None
-            blk = _block(n)
-            _hash_bwd2[(triton.cdiv(n, blk), lv)](x, table, res, offsets, dense, g, ggx.float().contiguous(),
-                                                 table if gtable is None else gtable, g if gg is None else gg, n,
-                                                 ctx.hmask, PRIMES[1], PRIMES[2], L=lv, F=f, BLOCK=blk,
-                                                 WANT_TABLE=want_t, WANT_G=want_g)
-        if ggt is not None and want_g:  # d table_grad / d g: the forward blend of ggt
-            fg = _forward(x, ggt.float().contiguous(), res, offsets, dense, ctx.hmask)
-            gg = fg if gg is None else gg + fg
-        return None, gtable, gg, None, None, None, None, None, None
+    def backward2(self, x, table, g, ggx, want_t: bool, want_g: bool):
+        n, f, lv = x.shape[0], table.shape[1], self.res.shape[0]
+        gtable = torch.zeros_like(table) if want_t else None
+        gg = torch.empty_like(g) if want_g else None
+        blk = _block(n)
+        _hash_bwd2[(triton.cdiv(n, blk), lv)](x, table, self.res, self.offsets, self.dense, g, ggx,
+                                             table if gtable is None else gtable, g if gg is None else gg, n,
+                                             self.hmask, PRIMES[1], PRIMES[2], L=lv, F=f, BLOCK=blk,
+                                             WANT_TABLE=want_t, WANT_G=want_g)
+        return gtable, gg
+
+
+class TritonHashGrid(HashGridFunction):
+    """:class:`it3d.encodings.hash_grid.HashGridFunction` with :class:`TritonKernels`: ``apply(TritonKernels(...),
+    x: N 3 float32, table: T F float32) -> N (L F)``."""

@@ -13,11 +13,18 @@ on first use) and tiny-cuda-nn.
 * ``tcnn``: tiny-cuda-nn's ``Encoding`` (its own parameters, see below).
 
 The choice is made per call from the input's device, and the torch and Triton paths share one
-parameter table, so a checkpoint trained on a GPU loads and renders identically on a CPU. The
-Triton backward gives table and input gradients and is itself differentiable w.r.t. the table
-and the upstream gradient, so analytic normals trained with ``create_graph`` (a normal loss) run
-the kernel too; only second derivatives w.r.t. the input points are not provided (the renderer's
-sample points are constants; the torch path with ``twice_differentiable=True`` has them).
+parameter table, so a checkpoint trained on a GPU loads and renders identically on a CPU.
+
+Graphs. When the input gradient is wanted (analytic normals) both paths run one autograd Function,
+:class:`HashGridFunction`, over their kernels (:class:`TorchKernels` here, ``TritonKernels`` in the
+Triton module): it keeps only the points for its backward, which recomputes the cells and weights
+and gives table and input gradients, and that backward is itself differentiable w.r.t. the table and
+the upstream gradient, so analytic normals trained with ``create_graph`` (a normal loss) work; only
+second derivatives w.r.t. the input points are not provided (the renderer's sample points are
+constants). On the paper's grid a whole coarse step with a twice-differentiated normal then peaks at
+~1.9 KB a sample against ~7.1 KB with autograd's own graph of the gathers (``tests/benchmarks/
+bench_coarse.py --shading lambertian --memory``). When only the table gradient is wanted the torch path keeps the corner rows (int32) and
+weights instead (:class:`_HashBlend`: no recomputation).
 
 Conventions of the torch backend (the paper's):
 
@@ -39,8 +46,8 @@ two backends are interchangeable in capacity but their parameters are not.
 from __future__ import annotations
 
 import logging
-
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -166,7 +173,8 @@ class HashGridEncoding(nn.Module):
 
     def forward(self, x: Float[Tensor, "N 3"], twice_differentiable: bool = False) -> Float[Tensor, "N F"]:
         """``twice_differentiable``: build a graph that can be differentiated twice (analytic
-        normals trained with ``create_graph=True``); otherwise a leaner weighted gather is used."""
+        normals trained with ``create_graph=True``): :class:`HashGridFunction`, as for any input that
+        requires grad; a table-only graph (:class:`_HashBlend`) otherwise."""
         with record_function("it3d::encoding"):
             if self.backend == "tcnn":
                 return self._tcnn(x.clamp(0.0, 1.0)).float()
@@ -199,33 +207,35 @@ class HashGridEncoding(nn.Module):
 
     def _forward_triton(self, x: Tensor) -> Tensor:
         k = triton_kernels()
-        return k.TritonHashGrid.apply(x.float().contiguous(), self.params, self._res, self._offsets, self._dense,
-                                      self.table_size - 1)
+        kern = k.TritonKernels(self._res, self._offsets, self._dense, self.table_size - 1)
+        return k.TritonHashGrid.apply(kern, x.float().contiguous(), self.params)
 
     # ------------------------------------------------------------------ torch backend
     def _forward_torch(self, x: Tensor, twice: bool) -> Tensor:
+        if torch.is_grad_enabled() and (twice or x.requires_grad):
+            # d/dx wanted (analytic normals), perhaps twice: the recomputing Function, which keeps only x
+            return TorchHashGrid.apply(TorchKernels(self), x.float().contiguous(), self.params)
         n = x.shape[0]
         xs = x.float().clamp(0.0, 1.0).t().contiguous()  # 3 N: per-axis rows keep every op contiguous
         outs = []
-        L = len(self.resolutions)
-        for lo, hi, dense in ((0, self.n_dense, True), (self.n_dense, L, False)):
-            if hi <= lo:
-                continue
-            idx, w = self._corners(xs, lo, hi, dense)  # 8 tensors (l, N) each
-            if twice or not torch.is_grad_enabled():
-                # plain gathers: no graph at all, or a twice-differentiable one (analytic normals
-                # trained with create_graph)
-                f = self.params.shape[1]
-                out = sum(self.params.index_select(0, i.reshape(-1)).view(hi - lo, n, f) * wc.unsqueeze(-1)
-                          for i, wc in zip(idx, w))
-            else:
+        for lo, hi, dense in self._groups():
+            idx, w, _ = self._corners(xs, lo, hi, dense)  # 8 tensors (l, N) each
+            if torch.is_grad_enabled():  # the table gradient only: keep (idx as int32, w)
                 out = _HashBlend.apply(self.params, torch.stack(idx), torch.stack(w))
+            else:
+                out = _blend(self.params, idx, w)
             outs.append(out)  # (l, N, F)
         feats = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
         return feats.permute(1, 0, 2).reshape(n, self.n_output_dims)
 
+    def _groups(self):
+        """(first level, end level, dense) of the dense and the hashed levels (dense levels come first)."""
+        L = len(self.resolutions)
+        return [(lo, hi, d) for lo, hi, d in ((0, self.n_dense, True), (self.n_dense, L, False)) if hi > lo]
+
     def _corners(self, xs: Tensor, lo: int, hi: int, dense: bool):
-        """Table rows and trilinear weights of the 8 cell corners, corner c = (bit2, bit1, bit0) = (dx, dy, dz)."""
+        """Table rows and trilinear weights of the 8 cell corners, corner c = (bit2, bit1, bit0) = (dx, dy, dz),
+        and the per-axis weights ``((1 - fx, fx), (1 - fy, fy), (1 - fz, fz))`` (each (l, N)) they are made of."""
         res = self._res[lo:hi].view(-1, 1)
         terms, weights = [], []
         for a in range(3):
@@ -262,39 +272,203 @@ class HashGridEncoding(nn.Module):
                         i = torch.bitwise_and(torch.bitwise_xor(hxy, terms[2][dz]), mask) + off
                     idx.append(i)
                     w.append(wxy * weights[2][dz])
-        return idx, w
+        return idx, w, weights
+
+
+def _blend(table: Tensor, idx, w) -> Tensor:
+    """``sum_c w[c] * table[idx[c]]`` -> (l, N, F) for 8 (l, N) row and weight tensors."""
+    l, n = idx[0].shape
+    out = None
+    for i, wc in zip(idx, w):
+        term = table.index_select(0, i.reshape(-1)).view(l, n, table.shape[1]) * wc.unsqueeze(-1)
+        out = term if out is None else out.add_(term)
+    return out
+
+
+def _input_derivative_weights(axes, a: Tensor) -> Tensor:
+    """``v_c = sum_axis a_axis d w_c / d f_axis`` for the 8 corners (the order of ``_corners``) -> (8, l, N):
+    ``axes`` the per-axis weights ``((1 - fx, fx), ...)``, ``a`` (3, l, N) the per-axis factors
+    (``d (1 - f) / d f = -1``, ``d f / d f = 1``; no constant tensor, so nothing is uploaded per call)."""
+    wx, wy, wz = (torch.stack(p) for p in axes)  # (2, l, N) each
+    sx, sy, sz = (torch.stack((-t, t)) for t in a)  # (2, l, N): a_axis x the sign per corner bit
+    v = (sx[:, None, None] * wy[None, :, None] * wz[None, None, :]
+         + wx[:, None, None] * sy[None, :, None] * wz[None, None, :]
+         + wx[:, None, None] * wy[None, :, None] * sz[None, None, :])
+    return v.reshape(8, *a.shape[1:])
+
+
+class TorchKernels:
+    """The hash grid's three kernels in torch ops, over chunks of points (the (8 x levels x chunk) rows and
+    weights of a chunk are the only temporaries: ~0.12 GB for 2^15 points on the paper's grid; on CUDA 2^17
+    points, fewer launches) -- the same entry points as the Triton kernels
+    (``_hash_grid_triton.TritonKernels``), for :class:`HashGridFunction`:
+
+    * ``forward(x, table) -> N (L F)``: the encoding;
+    * ``backward(x, table, g, want_x, want_t) -> (d/dx N 3, d/dtable)`` of ``<forward(x, table), g>``;
+    * ``backward2(x, table, g, ggx, want_t, want_g) -> (d/dtable, d/dg)`` of ``<backward(...)[0], ggx>``.
+
+    Gradients w.r.t. x pass where x is inside [0, 1] (ends included, as ``torch.clamp``)."""
+
+    chunk = {"cpu": 2 ** 15, "cuda": 2 ** 17}
+
+    def __init__(self, enc: "HashGridEncoding") -> None:
+        self.enc = enc
+
+    def _levels(self, x: Tensor):
+        """-> per chunk and level group: (chunk slice, lo, hi, rows, weights, per-axis weights, res (l, 1))."""
+        e = self.enc
+        step = self.chunk.get(x.device.type, self.chunk["cpu"])
+        for s in range(0, x.shape[0], step):
+            xs = x[s:s + step].clamp(0.0, 1.0).t().contiguous()
+            for lo, hi, dense in e._groups():
+                idx, w, axes = e._corners(xs, lo, hi, dense)
+                yield slice(s, s + xs.shape[1]), lo, hi, idx, w, axes, e._res[lo:hi].view(-1, 1)
+
+    def _view(self, t: Tensor, sl: slice, lo: int, hi: int) -> Tensor:
+        """Rows ``sl``, levels lo..hi of an N (L F) tensor as (l, n, F)."""
+        f = self.enc.cfg.n_features_per_level
+        return t[sl].view(-1, len(self.enc.resolutions), f)[:, lo:hi].permute(1, 0, 2)
+
+    def forward(self, x: Tensor, table: Tensor) -> Tensor:
+        out = x.new_empty(x.shape[0], self.enc.n_output_dims)
+        for sl, lo, hi, idx, w, _, _ in self._levels(x):
+            self._view(out, sl, lo, hi).copy_(_blend(table, idx, w))
+        return out
+
+    def backward(self, x: Tensor, table: Tensor, g: Tensor, want_x: bool, want_t: bool):
+        gt = torch.zeros_like(table) if want_t else None
+        gx = torch.zeros_like(x) if want_x else None
+        if not (want_x or want_t):
+            return gx, gt
+        f = table.shape[1]
+        for sl, lo, hi, idx, w, axes, res in self._levels(x):
+            gl = self._view(g, sl, lo, hi)  # (l, n, F)
+            rows = torch.stack(idx).reshape(-1)
+            if want_t:
+                gt.index_add_(0, rows, (torch.stack(w).unsqueeze(-1) * gl).reshape(-1, f))
+            if want_x:  # d/df_axis of sum_c w_c <table[row_c], g> = sum_c (d w_c / d f_axis) dot_c; df/dx = res
+                dots = (table.index_select(0, rows).view(8, *gl.shape) * gl).sum(-1).view(2, 2, 2, *gl.shape[:2])
+                wx, wy, wz = (torch.stack(p) for p in axes)  # (2, l, n)
+                lx = ((dots[1] - dots[0]) * wy[:, None] * wz[None]).sum((0, 1))
+                ly = ((dots[:, 1] - dots[:, 0]) * wx[:, None] * wz[None]).sum((0, 1))
+                lz = ((dots[:, :, 1] - dots[:, :, 0]) * wx[:, None] * wy[None]).sum((0, 1))
+                gx[sl] += (torch.stack((lx, ly, lz)) * res).sum(1).t()
+        if want_x:
+            gx.mul_(((x >= 0.0) & (x <= 1.0)).to(gx.dtype))
+        return gx, gt
+
+    def backward2(self, x: Tensor, table: Tensor, g: Tensor, ggx: Tensor, want_t: bool, want_g: bool):
+        gtable = torch.zeros_like(table) if want_t else None
+        gg = torch.zeros_like(g) if want_g else None
+        f = table.shape[1]
+        a = (ggx * ((x >= 0.0) & (x <= 1.0)).to(ggx.dtype)).t()  # 3 N: the clamp's pass-through
+        for sl, lo, hi, idx, w, axes, res in self._levels(x):
+            v = _input_derivative_weights(axes, a[:, sl].unsqueeze(1) * res)  # (8, l, n)
+            rows = torch.stack(idx).reshape(-1)
+            if want_t:
+                gl = self._view(g, sl, lo, hi)
+                gtable.index_add_(0, rows, (v.unsqueeze(-1) * gl).reshape(-1, f))
+            if want_g:
+                got = (table.index_select(0, rows).view(*v.shape, f) * v.unsqueeze(-1)).sum(0)
+                self._view(gg, sl, lo, hi).copy_(got)
+        return gtable, gg
+
+
+class _Pass:
+    depth = 0  # > 0 inside own_input_gradient(); a module global, not thread-local: CUDA backward runs
+    # on the autograd engine's device thread while the caller waits
+
+
+@contextmanager
+def own_input_gradient():
+    """The analytic-normal pass of a geometry whose sample points are a leaf it made itself: a hash grid
+    evaluated inside gives ``autograd.grad`` calls made inside the input gradient alone (the table
+    gradient those calls would throw away is not computed), and gives its input no gradient in any
+    later backward (nothing reads that leaf's ``.grad``); the table gradient then flows as usual.
+    Saves one of the three table scatters of a twice-differentiated step (and one input pass)."""
+    _Pass.depth += 1
+    try:
+        yield
+    finally:
+        _Pass.depth -= 1
+
+
+class HashGridFunction(torch.autograd.Function):
+    """``(kernels, x: N 3 float32, table: T F float32) -> N (L F)`` with a recomputing backward: only ``x``
+    and the table are kept for the backward pass, whose kernels recompute the cells and weights. The
+    backward (:class:`_HashGridBackward`) is itself differentiable w.r.t. the table and the upstream
+    gradient, so ``create_graph=True`` works (analytic normals trained through a normal loss); second
+    derivatives w.r.t. ``x`` are not provided (the renderer's sample points are constants). ``kernels``:
+    :class:`TorchKernels` or the Triton module's ``TritonKernels``; subclasses name the backend in the
+    graph (``grad_fn.name()``)."""
+
+    @staticmethod
+    def forward(ctx, kern, x, table):
+        ctx.kern = kern
+        ctx.own_x = _Pass.depth > 0
+        ctx.save_for_backward(x, table)
+        return kern.forward(x, table)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, table = ctx.saved_tensors
+        inside = _Pass.depth > 0  # an autograd.grad for the input alone (see own_input_gradient)
+        want_x = ctx.needs_input_grad[1] and (inside or not ctx.own_x)
+        want_t = ctx.needs_input_grad[2] and not (inside and ctx.own_x)
+        gx, gt = _HashGridBackward.apply(ctx.kern, x, table, g.float().contiguous(), want_x, want_t)
+        return None, gx, gt
+
+
+class _HashGridBackward(torch.autograd.Function):
+    """``(kernels, x, table, g) -> (d/dx, d/dtable)`` of ``<HashGridFunction(x, table), g>``; differentiable
+    once more w.r.t. ``table`` and ``g``."""
+
+    @staticmethod
+    def forward(ctx, kern, x, table, g, want_x: bool, want_t: bool):
+        gx, gt = kern.backward(x, table, g, want_x, want_t)
+        ctx.kern = kern
+        ctx.save_for_backward(x, table, g)
+        return gx, gt
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ggx, ggt):
+        x, table, g = ctx.saved_tensors
+        want_t, want_g = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        gtable = gg = None
+        if ggx is not None and x.shape[0] > 0 and (want_t or want_g):
+            gtable, gg = ctx.kern.backward2(x, table, g, ggx.float().contiguous(), want_t, want_g)
+        if ggt is not None and want_g:  # d table_grad / d g: the forward blend of ggt
+            fg = ctx.kern.forward(x, ggt.float().contiguous())
+            gg = fg if gg is None else gg + fg
+        return None, None, gtable, gg, None, None
+
+
+class TorchHashGrid(HashGridFunction):
+    """:class:`HashGridFunction` with :class:`TorchKernels`."""
 
 
 class _HashBlend(torch.autograd.Function):
-    """``out[l, n] = sum_c w[c, l, n] * table[idx[c, l, n]]`` keeping only (idx as int32, w) for
-    backward; the table gradient is a single ``index_add_`` with int64 indices (2x faster on CPU
-    than the accumulating ``index_put_`` autograd uses for ``table[idx]``, 7x faster than int32)."""
+    """``out[l, n] = sum_c w[c, l, n] * table[idx[c, l, n]]`` for the table gradient alone (constant
+    inputs): keeps only (idx as int32, w) for backward -- no recomputation -- and the table gradient is a
+    single ``index_add_`` with int64 indices (2x faster on CPU than the accumulating ``index_put_``
+    autograd uses for ``table[idx]``, 7x faster than int32)."""
 
     @staticmethod
     def forward(ctx, table: Tensor, idx: Tensor, w: Tensor) -> Tensor:
-        k, l, n = idx.shape
-        out = None
-        for c in range(k):
-            term = table.index_select(0, idx[c].reshape(-1)).view(l, n, table.shape[1]) * w[c].unsqueeze(-1)
-            out = term if out is None else out.add_(term)
-        ctx.save_for_backward(table, idx.to(torch.int32) if table.shape[0] < 2 ** 31 else idx, w)
-        return out
+        ctx.save_for_backward(idx.to(torch.int32) if table.shape[0] < 2 ** 31 else idx, w)
+        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
+        return _blend(table, idx, w)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
-        table, idx, w = ctx.saved_tensors
-        idx = idx.long()
-        g = g.contiguous()
-        k, l, n = idx.shape
-        grad_table = grad_w = None
-        if ctx.needs_input_grad[0]:
-            src = (w.unsqueeze(-1) * g.unsqueeze(0)).reshape(-1, table.shape[1])
-            grad_table = torch.zeros_like(table).index_add_(0, idx.reshape(-1), src.to(table.dtype))
-        if ctx.needs_input_grad[2]:
-            grad_w = torch.stack([(table.index_select(0, idx[c].reshape(-1)).view(l, n, table.shape[1]) * g).sum(-1)
-                                  for c in range(k)])
-        return grad_table, None, grad_w
+        idx, w = ctx.saved_tensors
+        f = ctx.table_shape[1]
+        src = (w.unsqueeze(-1) * g.contiguous().unsqueeze(0)).reshape(-1, f)
+        grad_table = g.new_zeros(ctx.table_shape, dtype=ctx.table_dtype).index_add_(0, idx.long().reshape(-1),
+                                                                                    src.to(ctx.table_dtype))
+        return grad_table, None, None
 
 
 def _make_tcnn(c: HashGridConfig, per_level_scale: float, path: str) -> nn.Module:

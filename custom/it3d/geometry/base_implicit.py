@@ -2,6 +2,7 @@
 gradient, and isosurface extraction by marching cubes. Not registered itself."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from ..core.base import BaseGeometry
 from ..core.errors import It3dError
 from ..core.typing import Float, Int, Tensor
+from ..encodings.hash_grid import own_input_gradient
 
 
 AUTO_THRESHOLD_CAP = 10.0  # Make-It-3D main.py: --density_thresh default 10
@@ -56,11 +58,13 @@ class BaseImplicitGeometry(BaseGeometry):
         if output_normal and self.normal_type == "analytic":
             # autograd also under no_grad / inference_mode (Lightning's validation and test loops)
             with torch.inference_mode(False), torch.enable_grad():
-                pts = points if points.requires_grad else points.clone().requires_grad_(True)
-                raw_d, raw_f = self.forward_raw(pts, twice_differentiable=normal_grad)
-                # the density's own graph is kept when the step back-propagates through it (first order)
-                grad = torch.autograd.grad(raw_d.sum(), pts, create_graph=normal_grad,
-                                           retain_graph=normal_grad or grad_on)[0]
+                own = not points.requires_grad  # a leaf of our own: its .grad is never read
+                pts = points.clone().requires_grad_(True) if own else points
+                with own_input_gradient() if own else nullcontext():
+                    raw_d, raw_f = self.forward_raw(pts, twice_differentiable=normal_grad)
+                    # the density's own graph is kept when the step back-propagates through it (first order)
+                    grad = torch.autograd.grad(raw_d.sum(), pts, create_graph=normal_grad,
+                                               retain_graph=normal_grad or grad_on)[0]
             if not grad_on:
                 raw_d, raw_f = raw_d.detach(), raw_f.detach()
             normal = -F.normalize(grad if normal_grad else grad.detach(), dim=-1)

@@ -28,7 +28,7 @@ Normals and their gradient. Gradients flow through the rendered normals only whi
 shaded renders with ``shading_normal_grad: true``; otherwise shaded renders use the normals as
 constants of the step (they still train the albedo, and the density through the weights). With the
 geometry's ``normal_type: analytic`` that is what decides whether the second-order graph (a double
-backward: ~1.8x time, ~2.2x memory of a step) is built; ``finite_difference`` normals (six shifted
+backward; the hash grid keeps only the sample points for it) is built; ``finite_difference`` normals (six shifted
 density evaluations, first-order graph, the official code's choice) never need one.
 
 Outputs: validation grids ``save/it{step}-val/{index}.png`` (rgb | depth | normal | opacity);
