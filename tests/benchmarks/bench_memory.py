@@ -21,15 +21,21 @@ peak extrapolated to the paper's (``--px``: see :func:`extrapolate`).
     python tests/benchmarks/bench_memory.py --rows mi3d-coarse --out /tmp/mem.json
     python tests/benchmarks/bench_memory.py --rows ci3d-coarse --px 64 96    # extrapolated to 128 and 256
 
-Measured on a 2-core CPU (Dec 2026; GiB): make-it-3d coarse at 100 px projects 13.76 (a step on clip-d's
-SDS branch, measured at the paper's size) to 16.46 (its CLIP branch, extrapolated from 64 / 80 px) against
-14.8 measured on an H200 over 40 steps: the projection is within -7 % .. +11 % of the GPU for a coarse stage.
+Measured on a 2-core CPU (Dec 2026; GiB). Before the recomputing hash-grid Function (the torch path kept
+autograd's graph of its gathers, ~7 KB a sample with the normals' second-order graph): make-it-3d coarse at
+100 px projected 13.76 (a step on clip-d's SDS branch, measured at the paper's size) to 16.46 (its CLIP
+branch, extrapolated from 64 / 80 px) against 14.8 measured on an H200 over 40 steps with that same torch
+path (``hash_grid: torch`` in that run's backends): within -7 % .. +11 % of the GPU for a coarse stage.
 Make-it-3d refine's training step projects 5.6 (SDS) / 8.3 (CLIP branch) against the stage's 12.1 on the GPU:
 the refine stage's GPU peak is not in its training step (the point-cloud build is not measured here).
 Customize-it-3d coarse at 128 px: 22.8 (extrapolated from 80 / 96 px; 64 / 80 px gave 21.95); refine at
 800 px with 700k points: 8.0 (measured). The linear extrapolation in pixels was checked: make-it-3d coarse
 64 / 80 px -> 100 px within 0.5 % of the measurement, customize-it-3d refine 400 / 560 -> 800 px within
 0.3 %; customize-it-3d coarse 64 / 80 -> 96 px 2 % under (slightly superlinear).
+After it (the hash grid keeps only the sample points; the Triton path on a GPU keeps the same): make-it-3d
+coarse at 100 px 6.63 measured (was 13.76; the GPU's 14.8 above predates the change: re-measure);
+customize-it-3d coarse step peak 3.16 / 3.54 / 4.26 at 64 / 80 / 96 px (was 6.31 / 8.46 / 11.34), so
+10.24 at 128 px (was 22.8) and 22.76 at 256 px (was ~68), extrapolated from 80 / 96 px.
 
 What it cannot see: allocations outside PyTorch's allocator (BLAS / oneDNN scratch; cuBLAS and cuDNN
 workspaces, which the GPU's caching allocator does count), the caching allocator's rounding and
@@ -58,6 +64,7 @@ DEPTH = os.path.join(ROOT, "load", "synthetic", "depth.png")
 
 # row -> (method config, stage, extra overrides for that stage, {paper render px: GPU peak GB measured fp16 or None})
 ROWS = {
+    # 14.8: measured before the recomputing hash-grid Function (the projection then was 13.76, now 6.63)
     "mi3d-coarse": ("configs/make-it-3d.yaml", "coarse", [], {100: 14.8}),
     "mi3d-refine": ("configs/make-it-3d.yaml", "refine", [], {800: 12.1}),
     "ci3d-coarse": ("configs/customize-it-3d.yaml", "coarse", [], {128: None, 256: None}),
@@ -109,6 +116,14 @@ def stage_config(config: str, stage: str, extra, work: str):
     cfg, _ = prepare_config([os.path.join(ROOT, config)], over)
     for spec, scfg, parsed in prepare_stages(cfg, "cpu"):
         if spec.name == stage:
+            if scfg.get("data") is not None and scfg.data.get("prepared"):
+                # no preprocess stage runs here: the photo with its alpha, the depth map and the caption given
+                # above are complete, so the datamodule reads them (data.prepared would point at a record the
+                # preprocess stage never wrote)
+                from it3d.core.config import validate_experiment
+
+                scfg.data.prepared = None
+                parsed = validate_experiment(scfg)
             return scfg, parsed
     raise SystemExit(f"{config}: no stage {stage}")
 
