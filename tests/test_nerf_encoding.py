@@ -191,19 +191,27 @@ def test_recomputing_function_keeps_only_the_points_and_the_upstream_gradient():
             assert sum(saved.values()) > 20 * (n * 3 * 4 + n * 16 * 2 * 4)
 
 
-def test_own_input_gradient_computes_each_gradient_once(monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="triton has no wheels for this platform"))])
+def test_own_input_gradient_computes_each_gradient_once(monkeypatch, backend):
     """Analytic normals of a geometry that made its points a leaf itself: the normal's autograd.grad asks the
     kernels for the input gradient only, the step's backward for the table gradient only -- and the
     parameters get the same gradients as without the pass; points that already require grad (someone reads
-    their gradient) get both, as before."""
+    their gradient) get both, as before. The Triton kernels (in its CPU interpreter) take the same flags."""
     from it3d.core.registry import get
-    from it3d.encodings.hash_grid import TorchKernels
 
+    if backend == "triton":
+        kernels = hash_grid.triton_kernels()
+        assert kernels is not None and kernels.INTERPRET, "triton with TRITON_INTERPRET=1 (tests/conftest.py)"
+        cls = kernels.TritonKernels
+    else:
+        cls = hash_grid.TorchKernels
     torch.manual_seed(0)
-    geo = get("geometry", "implicit-volume")({"pos_encoding": {"otype": "HashGrid", **SMALL}}, path="g").train()
+    geo = get("geometry", "implicit-volume")({"pos_encoding": {"otype": "HashGrid", **SMALL, "backend": backend}},
+                                             path="g").train()
     calls = []
-    orig = TorchKernels.backward
-    monkeypatch.setattr(TorchKernels, "backward", lambda self, x, t, g, wx, wt: calls.append((wx, wt)) or orig(
+    orig = cls.backward
+    monkeypatch.setattr(cls, "backward", lambda self, x, t, g, wx, wt: calls.append((wx, wt)) or orig(
         self, x, t, g, wx, wt))
     x = torch.rand(64, 3) - 0.5
     v = torch.randn(64, 3)

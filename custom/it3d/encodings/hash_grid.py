@@ -15,16 +15,16 @@ on first use) and tiny-cuda-nn.
 The choice is made per call from the input's device, and the torch and Triton paths share one
 parameter table, so a checkpoint trained on a GPU loads and renders identically on a CPU.
 
-Graphs. When the input gradient is wanted (analytic normals) both paths run one autograd Function,
-:class:`HashGridFunction`, over their kernels (:class:`TorchKernels` here, ``TritonKernels`` in the
-Triton module): it keeps only the points for its backward, which recomputes the cells and weights
-and gives table and input gradients, and that backward is itself differentiable w.r.t. the table and
-the upstream gradient, so analytic normals trained with ``create_graph`` (a normal loss) work; only
-second derivatives w.r.t. the input points are not provided (the renderer's sample points are
-constants). On the paper's grid a whole coarse step with a twice-differentiated normal then peaks at
-~1.9 KB a sample against ~7.1 KB with autograd's own graph of the gathers (``tests/benchmarks/
-bench_coarse.py --shading lambertian --memory``). When only the table gradient is wanted the torch path keeps the corner rows (int32) and
-weights instead (:class:`_HashBlend`: no recomputation).
+Graphs. Whenever autograd records (the table gradient; the input gradient of analytic normals) both
+paths run one autograd Function, :class:`HashGridFunction`, over their kernels (:class:`TorchKernels`
+here, ``TritonKernels`` in the Triton module): it keeps only the points for its backward, which
+recomputes the cells and weights and gives table and input gradients, and that backward is itself
+differentiable w.r.t. the table and the upstream gradient, so analytic normals trained with
+``create_graph`` (a normal loss) work; only second derivatives w.r.t. the input points are not provided
+(the renderer's sample points are constants). On the paper's grid a whole coarse step (CPU, 96 - 128 px)
+peaks at ~1.9 KB a sample, with or without the normals' second-order graph, against ~7.1 KB with
+autograd's own graph of the gathers and ~3.5 KB for an albedo step that kept the corner rows and
+weights (``tests/benchmarks/bench_coarse.py --memory``).
 
 Conventions of the torch backend (the paper's):
 
@@ -172,9 +172,8 @@ class HashGridEncoding(nn.Module):
         self.register_buffer("_dense", torch.tensor(self.dense, dtype=torch.int32), persistent=False)
 
     def forward(self, x: Float[Tensor, "N 3"], twice_differentiable: bool = False) -> Float[Tensor, "N F"]:
-        """``twice_differentiable``: build a graph that can be differentiated twice (analytic
-        normals trained with ``create_graph=True``): :class:`HashGridFunction`, as for any input that
-        requires grad; a table-only graph (:class:`_HashBlend`) otherwise."""
+        """``twice_differentiable``: a graph that can be differentiated twice (analytic normals trained with
+        ``create_graph=True``); every graph the hash grid builds (:class:`HashGridFunction`) is."""
         with record_function("it3d::encoding"):
             if self.backend == "tcnn":
                 return self._tcnn(x.clamp(0.0, 1.0)).float()
@@ -212,21 +211,11 @@ class HashGridEncoding(nn.Module):
 
     # ------------------------------------------------------------------ torch backend
     def _forward_torch(self, x: Tensor, twice: bool) -> Tensor:
-        if torch.is_grad_enabled() and (twice or x.requires_grad):
-            # d/dx wanted (analytic normals), perhaps twice: the recomputing Function, which keeps only x
-            return TorchHashGrid.apply(TorchKernels(self), x.float().contiguous(), self.params)
-        n = x.shape[0]
-        xs = x.float().clamp(0.0, 1.0).t().contiguous()  # 3 N: per-axis rows keep every op contiguous
-        outs = []
-        for lo, hi, dense in self._groups():
-            idx, w, _ = self._corners(xs, lo, hi, dense)  # 8 tensors (l, N) each
-            if torch.is_grad_enabled():  # the table gradient only: keep (idx as int32, w)
-                out = _HashBlend.apply(self.params, torch.stack(idx), torch.stack(w))
-            else:
-                out = _blend(self.params, idx, w)
-            outs.append(out)  # (l, N, F)
-        feats = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
-        return feats.permute(1, 0, 2).reshape(n, self.n_output_dims)
+        kern = TorchKernels(self)
+        x = x.float().contiguous()
+        if torch.is_grad_enabled():  # the recomputing Function, which keeps only x (twice-differentiable too)
+            return TorchHashGrid.apply(kern, x, self.params)
+        return kern.forward(x, self.params)
 
     def _groups(self):
         """(first level, end level, dense) of the dense and the hashed levels (dense levels come first)."""
@@ -446,29 +435,6 @@ class _HashGridBackward(torch.autograd.Function):
 
 class TorchHashGrid(HashGridFunction):
     """:class:`HashGridFunction` with :class:`TorchKernels`."""
-
-
-class _HashBlend(torch.autograd.Function):
-    """``out[l, n] = sum_c w[c, l, n] * table[idx[c, l, n]]`` for the table gradient alone (constant
-    inputs): keeps only (idx as int32, w) for backward -- no recomputation -- and the table gradient is a
-    single ``index_add_`` with int64 indices (2x faster on CPU than the accumulating ``index_put_``
-    autograd uses for ``table[idx]``, 7x faster than int32)."""
-
-    @staticmethod
-    def forward(ctx, table: Tensor, idx: Tensor, w: Tensor) -> Tensor:
-        ctx.save_for_backward(idx.to(torch.int32) if table.shape[0] < 2 ** 31 else idx, w)
-        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
-        return _blend(table, idx, w)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
-        idx, w = ctx.saved_tensors
-        f = ctx.table_shape[1]
-        src = (w.unsqueeze(-1) * g.contiguous().unsqueeze(0)).reshape(-1, f)
-        grad_table = g.new_zeros(ctx.table_shape, dtype=ctx.table_dtype).index_add_(0, idx.long().reshape(-1),
-                                                                                    src.to(ctx.table_dtype))
-        return grad_table, None, None
 
 
 def _make_tcnn(c: HashGridConfig, per_level_scale: float, path: str) -> nn.Module:
