@@ -9,7 +9,15 @@ On CUDA it builds the paper's grid (16 levels, 2^19 rows per level, 2 features, 
 ``backend: torch`` and ``backend: triton``, sharing one random table (uniform in [-1, 1], so
 differences are not hidden by the 1e-4 initialisation), and for each point count N:
 
-* max |triton - torch| of the forward, of the table gradient (relative to the largest entry; the
+* the forward's error of each path against a float64 evaluation (cells and weights in double
+  precision), which must stay within the float32 rounding of the positions (:func:`forward_bound`);
+  max |triton - torch| of the forward is reported beside it, but is not the criterion: on a GPU the
+  kernel's ``x * res - cell`` is contracted into one fused multiply-add (rounded once), the torch
+  path rounds ``x * res`` first, and at resolution 2048 a float32 position carries up to 1.2e-4 of
+  rounding. Emulating that contraction on a CPU (``frac`` from the product in float64, rounded once)
+  moves the forward by 1.70e-4 / 1.77e-4 at 262k / 1M points on a U(-1, 1) table -- the 1.5e-4 /
+  2.1e-4 this check measured on an H200 before the criterion changed;
+* max |triton - torch| of the table gradient (relative to the largest entry; the
   kernel accumulates with atomics, so the order of float additions differs) and of the input
   gradient (relative; first-order, as analytic normals in eval use it);
 * that the kernel's forward and backward make no host sync (``torch.cuda.set_sync_debug_mode``);
@@ -33,7 +41,30 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "custom"))
 
-TOL = {"fwd": 1e-5, "table": 1e-4, "x": 1e-4}
+TOL = {"table": 1e-4, "x": 1e-4}
+
+
+def forward_bound(enc, table_max: float) -> float:
+    """Largest forward error a float32 evaluation may have against float64: each axis' fraction carries the
+    rounding of ``x * res`` (half an ulp at the finest resolution), and d out / d frac <= 2 max |table|
+    per axis (two corner rows' difference), over 3 axes."""
+    import math
+
+    half_ulp = 2.0 ** (math.floor(math.log2(max(enc.resolutions))) - 24)
+    return 3 * half_ulp * 2 * table_max
+
+
+def exact_forward(enc, x: torch.Tensor) -> torch.Tensor:
+    """The encoding with positions, cells, weights and table in float64."""
+    from it3d.encodings.hash_grid import _blend
+
+    xs = x.double().clamp(0.0, 1.0).t().contiguous()
+    table = enc.params.detach().double()
+    outs = []
+    for lo, hi, dense in enc._groups():
+        idx, w, _ = enc._corners(xs, lo, hi, dense)
+        outs.append(_blend(table, idx, w))
+    return torch.cat(outs, 0).permute(1, 0, 2).reshape(x.shape[0], enc.n_output_dims)
 
 
 def _time_ms(fn: Callable[[], None], repeat: int) -> float:
@@ -79,8 +110,12 @@ def check(n: int, levels: int, repeat: int, device: torch.device) -> dict:
         torch.cuda.synchronize()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    exact = exact_forward(ref, x)
+    bound = forward_bound(ref, float(ref.params.detach().abs().max()))
     row = {"N": n, "fwd_maxabs": float((out_t - out_r).detach().abs().max()), "table_rel": _rel(tri.params.grad, ref.params.grad),
-           "x_rel": _rel(xt.grad, xr.grad), "sync_free": True}
+           "x_rel": _rel(xt.grad, xr.grad), "sync_free": True, "fwd_bound": bound,
+           "torch_fwd_err": float((out_r.detach().double() - exact).abs().max()),
+           "triton_fwd_err": float((out_t.detach().double() - exact).abs().max())}
 
     def fwd(enc):
         def run():
@@ -117,8 +152,8 @@ def check(n: int, levels: int, repeat: int, device: torch.device) -> dict:
     row["normals_table_rel"] = _rel(tri.params.grad, gref)
     for name, enc in (("torch", ref), ("triton", tri)):
         row[f"{name}_normals_ms"] = _time_ms(normals_step(enc), repeat)
-    row["ok"] = (row["fwd_maxabs"] <= TOL["fwd"] and row["table_rel"] <= TOL["table"] and row["x_rel"] <= TOL["x"]
-                 and row["normals_table_rel"] <= TOL["table"])
+    row["ok"] = (row["triton_fwd_err"] <= bound and row["torch_fwd_err"] <= bound and row["table_rel"] <= TOL["table"]
+                 and row["x_rel"] <= TOL["x"] and row["normals_table_rel"] <= TOL["table"])
     return row
 
 
@@ -135,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     device = torch.device("cuda")
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name(device)}; "
           f"{args.levels} levels x 2^19 x 2 features; times: median of {args.repeat}, ms")
-    head = (f"{'N':>9} {'fwd |d|':>9} {'tbl rel':>9} {'x rel':>9} {'2nd rel':>9} {'sync':>5} | {'fwd torch':>9} "
+    head = (f"{'N':>9} {'fwd |d|':>9} {'err t/tr':>15} {'tbl rel':>9} {'x rel':>9} {'2nd rel':>9} {'sync':>5} | {'fwd torch':>9} "
             f"{'triton':>7} {'x':>5} | {'f+b torch':>9} {'triton':>7} {'x':>5} | {'+x torch':>8} {'triton':>7} {'x':>5} "
             f"| {'normals torch':>13} {'triton':>7} {'x':>5}")
     print(head)
@@ -143,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     for n in args.points:
         r = check(n, args.levels, args.repeat, device)
         rows.append(r)
-        print(f"{n:>9} {r['fwd_maxabs']:>9.1e} {r['table_rel']:>9.1e} {r['x_rel']:>9.1e} "
+        print(f"{n:>9} {r['fwd_maxabs']:>9.1e} {r['torch_fwd_err']:>7.1e}/{r['triton_fwd_err']:<7.1e} {r['table_rel']:>9.1e} {r['x_rel']:>9.1e} "
               f"{r['normals_table_rel']:>9.1e} {'none':>5} | "
               f"{r['torch_fwd_ms']:>9.2f} {r['triton_fwd_ms']:>7.2f} {r['torch_fwd_ms'] / r['triton_fwd_ms']:>5.1f} | "
               f"{r['torch_train_ms']:>9.2f} {r['triton_train_ms']:>7.2f} "
@@ -152,7 +187,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
               f"{r['torch_normals_ms']:>13.2f} {r['triton_normals_ms']:>7.2f} "
               f"{r['torch_normals_ms'] / r['triton_normals_ms']:>5.1f}{'' if r['ok'] else '   OVER TOLERANCE'}")
     if not all(r["ok"] for r in rows):
-        print(f"hashgrid_check: differences over tolerance {TOL}")
+        print(f"hashgrid_check: differences over tolerance {TOL} (forward: each path within "
+              f"{rows[0]['fwd_bound']:.1e} of float64)")
         raise SystemExit(1)
     return rows
 
