@@ -36,6 +36,8 @@ After it (the hash grid keeps only the sample points; the Triton path on a GPU k
 coarse at 100 px 6.63 measured (was 13.76; the GPU's 14.8 above predates the change: re-measure);
 customize-it-3d coarse step peak 3.16 / 3.54 / 4.26 at 64 / 80 / 96 px (was 6.31 / 8.46 / 11.34), so
 10.24 at 128 px (was 22.8) and 22.76 at 256 px (was ~68), extrapolated from 80 / 96 px.
+Customize-it-3d coarse with finite-difference normals: 3.68 / 5.05 at 48 / 64 px (was 6.45 / 11.47), so
+18.61 at 128 px (was ~50): six shifted density evaluations with their graphs cost more than the analytic one.
 
 What it cannot see: allocations outside PyTorch's allocator (BLAS / oneDNN scratch; cuBLAS and cuDNN
 workspaces, which the GPU's caching allocator does count), the caching allocator's rounding and
