@@ -20,6 +20,7 @@ peak extrapolated to the paper's (``--px``: see :func:`extrapolate`).
     python tests/benchmarks/bench_memory.py --build
     python tests/benchmarks/bench_memory.py --rows mi3d-coarse --out /tmp/mem.json
     python tests/benchmarks/bench_memory.py --rows ci3d-coarse --px 64 96    # extrapolated to 128 and 256
+    python tests/benchmarks/bench_memory.py --rows ci3d-refine-build    # the refine stage's point-cloud build
 
 Measured on a 2-core CPU (Dec 2026; GiB). Before the recomputing hash-grid Function (the torch path kept
 autograd's graph of its gathers, ~7 KB a sample with the normals' second-order graph): make-it-3d coarse at
@@ -38,6 +39,9 @@ customize-it-3d coarse step peak 3.16 / 3.54 / 4.26 at 64 / 80 / 96 px (was 6.31
 10.24 at 128 px (was 22.8) and 22.76 at 256 px (was ~68), extrapolated from 80 / 96 px.
 Customize-it-3d coarse with finite-difference normals: 3.68 / 5.05 at 48 / 64 px (was 6.45 / 11.47), so
 18.61 at 128 px (was ~50): six shifted density evaluations with their graphs cost more than the analytic one.
+Customize-it-3d refine's point-cloud build (800 px build views, 700k samples, one img2img pass with the
+DreamBooth pipeline's shared UNet / VAE and one SAM-H pass counted inside the block): resident 4.19 + 1.92 =
+6.11 (measured), under its training step's 8.0.
 
 What it cannot see: allocations outside PyTorch's allocator (BLAS / oneDNN scratch; cuBLAS and cuDNN
 workspaces, which the GPU's caching allocator does count), the caching allocator's rounding and
@@ -59,7 +63,7 @@ sys.path.insert(0, os.path.join(ROOT, "custom"))
 
 GiB = 2 ** 30
 BUILD = {"stabilityai/stable-diffusion-2-base": "sd", "bennyguo/zero123-xl-diffusers": "zero123",
-         "openai/clip-vit-base-patch16": "clip-b16"}
+         "openai/clip-vit-base-patch16": "clip-b16", "facebook/sam-vit-huge": "sam-huge"}
 SD = "stabilityai/stable-diffusion-2-base"
 IMAGE = os.path.join(ROOT, "load", "synthetic", "rgba.png")
 DEPTH = os.path.join(ROOT, "load", "synthetic", "depth.png")
@@ -73,6 +77,9 @@ ROWS = {
     "ci3d-coarse-fd": ("configs/customize-it-3d.yaml", "coarse", ["system.geometry.normal_type=finite_difference"],
                        {128: None, 256: None}),
     "ci3d-refine": ("configs/customize-it-3d.yaml", "refine", [], {800: None}),
+    # the refine stage's point-cloud build (measure_build): marching cubes of the coarse NeRF, 700k samples, one
+    # build view (render, img2img with the DreamBooth pipeline, SAM-H); px = the build views' size
+    "ci3d-refine-build": ("configs/customize-it-3d.yaml", "refine", [], {800: None}),
     # clip-d draws t once per step: t < 400 (the CLIP branch: a VAE decode with its backward at 512 px) or SDS
     "mi3d-coarse-clip": ("configs/make-it-3d.yaml", "coarse", ["system.guidance.clip_d.max_step_percent=0.39",
                                                                "system.guidance.clip_d.skip_back_views=false"],
@@ -144,8 +151,73 @@ def fake_cloud(system, n: int, seed: int = 0):
     system.geometry.set_points(p.to(dev), colors.to(dev), is_ref.to(dev))
 
 
+def measure_build(name: str, work: str, px: int) -> dict:
+    """The refine stage's point-cloud build, as ``RefineSystem.setup`` runs it: the refine system with its
+    guidance models loaded (resident), the coarse stage as ``load_stage`` makes it (the coarse config's system
+    without guidance: a random NeRF at its blob initialisation), ``build_point_cloud`` measured whole --
+    loading SAM and the img2img pipeline, marching cubes, the samples, the reference view and ONE novel view
+    (each view's render, img2img and SAM pass is dropped before the next, so more views add time, not peak)."""
+    import torch
+
+    from it3d.builders import base as builders_base
+    from it3d.core import hub, registry
+    from it3d.core.profiling import peak_allocated
+    from it3d.runner.cli import build_components
+
+    torch.set_num_threads(2)
+    config, _, extra, gpu = ROWS[name]
+    sam = os.path.join(os.environ["IT3D_MODEL_ROOT"], "facebook/sam-vit-huge")
+    over = list(extra) + [f"system.builder.sam.pretrained_model_name_or_path={sam}", f"system.builder.height={px}",
+                          f"system.builder.width={px}"]
+    scfg, parsed = stage_config(config, "refine", over, work)
+    hub.set_precision(parsed.precision)
+    t0 = time.time()
+    dm, system = build_components(scfg, parsed, str(scfg.trial_dir), resumed=False)
+    dm.prepare()
+    ccfg, cparsed = stage_config(config, "coarse", [], work)
+    coarse = registry.get("system", cparsed.system_type)(ccfg.get("system", {}), resumed=True, path="system",
+                                                        save_dir=os.path.join(work, "coarse-save"),
+                                                        build_guidance=False)
+    coarse.set_step(7000)
+    coarse.do_update_step(0, 7000, on_load_weights=True)
+    coarse.eval()
+    system._coarse[0] = coarse
+    first = builders_base.ViewBuilder.novel_cameras
+    builders_base.ViewBuilder.novel_cameras = lambda self, ref: first(self, ref)[:1]
+    from it3d.builders import enhance as enhance_mod
+
+    ran = {"img2img": 0, "sam": 0}  # the passes that ran inside the measured block
+
+    def counted(cls, attr, key):
+        orig = getattr(cls, attr)
+
+        def call(self, *args, **kwargs):
+            ran[key] += 1
+            return orig(self, *args, **kwargs)
+
+        setattr(cls, attr, call)
+
+    counted(enhance_mod.Img2ImgEnhancer, "enhance", "img2img")
+    counted(enhance_mod.SamMaskUnion, "__call__", "sam")
+    reference = {**dm.reference, "caption": "a photo of a teddy bear on a table"}
+    load_s = time.time() - t0
+    gc.collect()
+    t1 = time.time()
+    with peak_allocated("cpu") as m:
+        system.build_point_cloud(reference)
+    return {"row": name, "stage": "refine-build", "step": 0, "render_px": px, "guidance_res": {},
+            "points": system.geometry.num_points, "resident_gb": m.resident_bytes / GiB,
+            "step_peak_gb": m.peak_bytes / GiB, "peak_gb": m.peak_total_bytes / GiB,
+            "freed_resident_gb": m.freed_resident_bytes / GiB, "allocations": m.allocations,
+            "ms_step": round((time.time() - t1) * 1000.0), "load_s": round(load_s, 1), "gpu_gb": gpu.get(px),
+            "passes": ran}
+
+
 def measure_row(name: str, work: str, px: int, step: int) -> dict:
     import torch
+
+    if name.endswith("-build"):
+        return measure_build(name, work, px)
 
     from it3d.core import hub
     from it3d.core.profiling import peak_allocated
