@@ -17,7 +17,6 @@ ADVICE = {
         ("data.heights", "the training render size (e.g. [128])"),
         ("system.renderer.num_samples_per_ray", "ray samples"),
         ("system.renderer.num_importance_samples", "importance samples"),
-        ("system.geometry.normal_type", "finite_difference: no second-order graph for the normals"),
         ("system.renderer.eval_chunk_size", "rays per evaluation chunk"),
     ],
     "refine": [

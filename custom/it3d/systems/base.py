@@ -182,11 +182,15 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
         self.resumed_step = int(step)
 
     # ------------------------------------------------------------------ optimizer
+    def optimizer_defaults(self, optimizer_cls) -> Dict[str, Any]:
+        """Arguments the system gives ``optimizer_cls`` unless ``system.optimizer.args`` sets them."""
+        return {}
+
     def configure_optimizers(self):
         ocfg = dict(self.cfg.optimizer)
         name = ocfg.get("name", "Adam")
         optimizer_cls = optimizer_class(name)
-        args = dict(ocfg.get("args", {}))
+        args = {**self.optimizer_defaults(optimizer_cls), **dict(ocfg.get("args", {}))}
         groups = ocfg.get("params")
         if groups:
             params = []
