@@ -19,8 +19,8 @@ model, freed after use) run in the run's precision. Sampling with the trained fp
 the half VAE (``--test``) runs under autocast.
 
 Memory: gradient checkpointing is on by default (the UNet's and text encoder's activations are
-recomputed in the backward); AdamW runs fused (no weight-sized temporary in its step: 4.5 GiB less at
-the step's peak, which is the stage's); ``optimizer.name: AdamW8bit`` keeps the AdamW states in 8 bits
+recomputed in the backward); AdamW steps one tensor at a time (no weight-sized temporary in its step:
+4.5 GiB less at the step's peak, which is the stage's); ``optimizer.name: AdamW8bit`` keeps the AdamW states in 8 bits
 (bitsandbytes), ~7 GB less than fp32 states for the SD 2 UNet + text encoder.
 
 Training stops after the schedule's total step count. At the end (and on ``--export``; a
@@ -196,12 +196,14 @@ class DreamBoothSystem(BaseSystem):
         return self._frozen["vae"]
 
     def optimizer_defaults(self, optimizer_cls) -> Dict[str, Any]:
-        """torch's Adam / AdamW fused (one kernel over every tensor, on CUDA and CPU): the default multi-tensor
-        path on CUDA allocates a temporary the size of the trained weights in each step (its sqrt of the second
-        moments) -- 4.5 GiB for the SD 2 UNet + text encoder, on top of weights, gradients and states
-        (4.5 + 4.5 + 9.0 GiB): the H200's 23.1 GiB DreamBooth peak. ``system.optimizer.args.fused: false``
-        (or ``foreach``) chooses otherwise; other optimisers (AdamW8bit) get nothing."""
-        return {"fused": True} if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) else {}
+        """torch's Adam / AdamW one tensor at a time (``foreach=False``): the multi-tensor step, CUDA's default,
+        allocates a temporary the size of all trained weights in each step (its sqrt of the second moments) --
+        4.5 GiB for the SD 2 UNet + text encoder, on top of weights, gradients and moments (4.5 + 4.5 + 9.0
+        GiB): the H200's 23.1 GiB DreamBooth peak; one tensor at a time the temporary is the largest tensor's
+        (~60 MB), for a few hundred more kernel launches a step. (``fused=True`` has no temporary at all, but
+        Lightning refuses gradient clipping -- ``--max_grad_norm 1`` here -- with it under mixed precision.)
+        ``system.optimizer.args.foreach`` chooses otherwise; other optimisers (AdamW8bit) get nothing."""
+        return {"foreach": False} if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) else {}
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
