@@ -16,6 +16,8 @@ P1, P2 = 2654435761, 805459861
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# Triton ships wheels for Linux only (requirements.txt installs it there); elsewhere its tests skip.
+triton_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="triton has no wheels for this platform")
 SMALL = {"n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 10, "base_resolution": 4,
          "max_resolution": 32, "backend": "torch"}
 
@@ -120,14 +122,9 @@ def test_input_gradient_matches_finite_differences():
 
 
 def graph_encode(enc: HashGridEncoding, x: torch.Tensor) -> torch.Tensor:
-    """The encoding as plain differentiable torch ops (8 gathers x trilinear weights per level), so autograd
-    builds its own graph at every order: the reference for the recomputing :class:`HashGridFunction`."""
-    xs = x.float().clamp(0.0, 1.0).t()
-    outs = []
-    for lo, hi, dense in enc._groups():
-        idx, w, _ = enc._corners(xs, lo, hi, dense)
-        outs.append(sum(enc.params[i] * wc.unsqueeze(-1) for i, wc in zip(idx, w)))
-    return torch.cat(outs, 0).permute(1, 0, 2).reshape(x.shape[0], enc.n_output_dims)
+    """The encoding's forward kernel called outside its autograd Function, so autograd records its gathers x
+    trilinear weights at every order: the reference for the recomputing :class:`HashGridFunction`'s backward."""
+    return hash_grid.TorchKernels(enc).forward(x.float(), enc.params)
 
 
 def test_recomputing_function_matches_autograd_graph_to_second_order():
@@ -191,8 +188,7 @@ def test_recomputing_function_keeps_only_the_points_and_the_upstream_gradient():
             assert sum(saved.values()) > 20 * (n * 3 * 4 + n * 16 * 2 * 4)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="triton has no wheels for this platform"))])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_only)])
 def test_own_input_gradient_computes_each_gradient_once(monkeypatch, backend):
     """Analytic normals of a geometry that made its points a leaf itself: the normal's autograd.grad asks the
     kernels for the input gradient only, the step's backward for the table gradient only -- and the
@@ -271,8 +267,6 @@ def test_tcnn_backend_unavailable_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------- Triton kernel
-# Triton ships wheels for Linux only (requirements.txt installs it there); elsewhere these tests skip.
-triton_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="triton has no wheels for this platform")
 
 
 @pytest.fixture

@@ -151,6 +151,15 @@ def fake_cloud(system, n: int, seed: int = 0):
     system.geometry.set_points(p.to(dev), colors.to(dev), is_ref.to(dev))
 
 
+def row_result(name: str, stage: str, step: int, px: int, guidance_res: dict, points, m, ms: float, load_s: float,
+               gpu, **extra) -> dict:
+    """One table row from a :class:`it3d.core.profiling.MemoryUse` ``m`` and the timings."""
+    return {"row": name, "stage": stage, "step": step, "render_px": px, "guidance_res": guidance_res,
+            "points": points, "resident_gb": m.resident_bytes / GiB, "step_peak_gb": m.peak_bytes / GiB,
+            "peak_gb": m.peak_total_bytes / GiB, "freed_resident_gb": m.freed_resident_bytes / GiB,
+            "allocations": m.allocations, "ms_step": round(ms), "load_s": round(load_s, 1), "gpu_gb": gpu, **extra}
+
+
 def measure_build(name: str, work: str, px: int) -> dict:
     """The refine stage's point-cloud build, as ``RefineSystem.setup`` runs it: the refine system with its
     guidance models loaded (resident), the coarse stage as ``load_stage`` makes it (the coarse config's system
@@ -205,12 +214,8 @@ def measure_build(name: str, work: str, px: int) -> dict:
     t1 = time.time()
     with peak_allocated("cpu") as m:
         system.build_point_cloud(reference)
-    return {"row": name, "stage": "refine-build", "step": 0, "render_px": px, "guidance_res": {},
-            "points": system.geometry.num_points, "resident_gb": m.resident_bytes / GiB,
-            "step_peak_gb": m.peak_bytes / GiB, "peak_gb": m.peak_total_bytes / GiB,
-            "freed_resident_gb": m.freed_resident_bytes / GiB, "allocations": m.allocations,
-            "ms_step": round((time.time() - t1) * 1000.0), "load_s": round(load_s, 1), "gpu_gb": gpu.get(px),
-            "passes": ran}
+    return row_result(name, "refine-build", 0, px, {}, system.geometry.num_points, m, (time.time() - t1) * 1000.0,
+                      load_s, gpu.get(px), passes=ran)
 
 
 def measure_row(name: str, work: str, px: int, step: int) -> dict:
@@ -269,12 +274,8 @@ def measure_row(name: str, work: str, px: int, step: int) -> dict:
     ms = (time.time() - t1) * 1000.0
     h = int(batch.get("height", 0) or 0) or (batch["random"]["rays_o"].shape[1] if "random" in batch else 0)
     res = {g: int(scfg.system.guidance[g].resolution) for g in system.guidance}
-    return {"row": name, "stage": stage, "step": s, "render_px": h, "guidance_res": res,
-            "points": getattr(system.geometry, "num_points", None), "resident_gb": m.resident_bytes / GiB,
-            "step_peak_gb": m.peak_bytes / GiB, "peak_gb": m.peak_total_bytes / GiB,
-            "freed_resident_gb": m.freed_resident_bytes / GiB, "allocations": m.allocations, "ms_step": round(ms),
-            "load_s": round(load_s, 1), "gpu_gb": gpu.get(px),
-            "clip_fraction": next((v for k, v in logged.items() if k.endswith("clip_fraction")), None)}
+    return row_result(name, stage, s, h, res, getattr(system.geometry, "num_points", None), m, ms, load_s, gpu.get(px),
+                      clip_fraction=next((v for k, v in logged.items() if k.endswith("clip_fraction")), None))
 
 
 # ----------------------------------------------------------------------------- driver

@@ -55,16 +55,11 @@ def forward_bound(enc, table_max: float) -> float:
 
 
 def exact_forward(enc, x: torch.Tensor) -> torch.Tensor:
-    """The encoding with positions, cells, weights and table in float64."""
-    from it3d.encodings.hash_grid import _blend
+    """The encoding with positions, cells, weights and table in float64 (the torch kernels in double)."""
+    from it3d.encodings.hash_grid import TorchKernels
 
-    xs = x.double().clamp(0.0, 1.0).t().contiguous()
-    table = enc.params.detach().double()
-    outs = []
-    for lo, hi, dense in enc._groups():
-        idx, w, _ = enc._corners(xs, lo, hi, dense)
-        outs.append(_blend(table, idx, w))
-    return torch.cat(outs, 0).permute(1, 0, 2).reshape(x.shape[0], enc.n_output_dims)
+    with torch.no_grad():
+        return TorchKernels(enc).forward(x.double(), enc.params.detach().double())
 
 
 def _time_ms(fn: Callable[[], None], repeat: int) -> float:

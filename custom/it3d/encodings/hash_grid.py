@@ -274,6 +274,11 @@ def _blend(table: Tensor, idx, w) -> Tensor:
     return out
 
 
+def _inside(x: Tensor) -> Tensor:
+    """1 where a coordinate is in [0, 1] (ends included: where ``torch.clamp`` passes gradients), else 0."""
+    return ((x >= 0.0) & (x <= 1.0)).to(x.dtype)
+
+
 def _input_derivative_weights(axes, a: Tensor) -> Tensor:
     """``v_c = sum_axis a_axis d w_c / d f_axis`` for the 8 corners (the order of ``_corners``) -> (8, l, N):
     ``axes`` the per-axis weights ``((1 - fx, fx), ...)``, ``a`` (3, l, N) the per-axis factors
@@ -343,14 +348,14 @@ class TorchKernels:
                 lz = ((dots[:, :, 1] - dots[:, :, 0]) * wx[:, None] * wy[None]).sum((0, 1))
                 gx[sl] += (torch.stack((lx, ly, lz)) * res).sum(1).t()
         if want_x:
-            gx.mul_(((x >= 0.0) & (x <= 1.0)).to(gx.dtype))
+            gx.mul_(_inside(x))
         return gx, gt
 
     def backward2(self, x: Tensor, table: Tensor, g: Tensor, ggx: Tensor, want_t: bool, want_g: bool):
         gtable = torch.zeros_like(table) if want_t else None
         gg = torch.zeros_like(g) if want_g else None
         f = table.shape[1]
-        a = (ggx * ((x >= 0.0) & (x <= 1.0)).to(ggx.dtype)).t()  # 3 N: the clamp's pass-through
+        a = (ggx * _inside(x)).t()  # 3 N
         for sl, lo, hi, idx, w, axes, res in self._levels(x):
             v = _input_derivative_weights(axes, a[:, sl].unsqueeze(1) * res)  # (8, l, n)
             rows = torch.stack(idx).reshape(-1)
