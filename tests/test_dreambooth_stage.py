@@ -81,7 +81,11 @@ def test_dreambooth_stage_trains_in_order_and_saves_a_pipeline(tmp_path):
     assert sorted(os.listdir(class_dir)) == ["0000.png", "0001.png", "info.json", "timing.json"]
     timing = json.load(open(os.path.join(class_dir, "timing.json")))  # what the GPU budget projects from
     assert (timing["images"], timing["reused"], timing["steps"], timing["sampler"]) == (2, 0, 2, "dpm-solver++")
-    assert timing["seconds"] > 0
+    assert timing["seconds"] > 0 and timing["batch_size"] == 2 and timing["load_seconds"] > 0
+    # one batch of 2 images; one stamp per sampler step, in order, inside the batch's time
+    [batch] = timing["batches"]
+    assert batch["images"] == 2 and len(batch["step_ends"]) == 2
+    assert 0 < batch["step_ends"][0] <= batch["step_ends"][1] <= batch["seconds"] <= timing["seconds"]
     assert json.load(open(os.path.join(class_dir, "info.json")))["prompt"] == "a photo of small blue box"
     assert Image.open(os.path.join(class_dir, "0000.png")).size == (64, 64)
 

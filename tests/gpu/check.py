@@ -88,6 +88,7 @@ def stage_figures(config: str, image: str) -> Dict[str, Dict[str, Any]]:
                 info["steps"] = sum(scaled_steps(m["steps"], scale) for m in scfg.data.modalities)
                 info["class_images"] = int(scfg.system.num_class_images) if scfg.system.get("prior_preservation", True) else 0
                 info["class_steps"] = int(scfg.system.class_inference_steps)
+                info["class_batch"] = int(scfg.system.class_batch_size)
             else:
                 info["steps"] = int(scfg.trainer.max_steps)
                 info["resolutions"] = len(scfg.get("data", {}).get("heights", []) or [])
@@ -133,9 +134,10 @@ def overrides(stages: Dict[str, Dict[str, Any]], steps: int, refine_steps: int, 
         s = f"stage.{name}."
         out += [s + "after_train=[]", s + "trainer.limit_val_batches=0", s + "trainer.enable_progress_bar=false",
                 s + "checkpoint.every_n_train_steps=100000", s + "trainer.log_every_n_steps=1"]
-        if "class_images" in info:  # dreambooth: 1/25 of the schedule, 2 class images
-            out += [s + "data.step_scale=0.04", s + "system.num_class_images=2", s + "system.class_inference_steps=4",
-                    s + "system.class_batch_size=2"]
+        if "class_images" in info:  # dreambooth: 1/25 of the schedule; two batches of class images at the
+            # config's batch size (the second one warm), 4 sampler steps each: enough to time a step
+            out += [s + "data.step_scale=0.04", s + f"system.num_class_images={2 * info['class_batch']}",
+                    s + "system.class_inference_steps=4"]
         elif name == "refine":
             out += [s + f"trainer.max_steps={refine_steps}"]
         else:  # coarse: both resolutions of the schedule (when it has two) are timed
@@ -228,9 +230,29 @@ def project(stage: Dict[str, Any], info: Dict[str, Any]) -> Optional[float]:
     fixed = stage["wall_s"] - stage.get("ms_sum", 0.0) / 1000.0
     ci = stage.get("class_images")
     if ci and info.get("class_images"):
-        per = ci["seconds"] / max(1, ci["images"] * ci["steps"])
-        fixed += per * info["class_images"] * info["class_steps"] - ci["seconds"]
+        fixed += class_image_seconds(ci, info) - ci["seconds"]
     return (info["steps"] * stage["ms_step"] / 1000.0 + max(0.0, fixed)) / 60.0
+
+
+def class_image_seconds(ci: Dict[str, Any], info: Dict[str, Any]) -> float:
+    """Seconds the papers' class images take, from a run's ``class_images/timing.json``: the pipeline's load,
+    then per batch of the config's size its sampler steps at the measured per-step time plus the rest of a
+    batch (prompt encoding, VAE decode), both read off the step stamps of the run's last full batch (the
+    first pays kernel selection and allocation). A timing without stamps (older runs): the average per
+    image and step, load included."""
+    n, steps = info["class_images"], info["class_steps"]
+    batch = info.get("class_batch") or ci.get("batch_size") or 1
+    stamped = [b for b in ci.get("batches", []) if len(b.get("step_ends", [])) >= 2]
+    if not stamped:
+        return ci["seconds"] / max(1, ci["images"] * ci["steps"]) * n * steps
+    full = max(b["images"] for b in stamped)
+    b = [b for b in stamped if b["images"] == full][-1]
+    ends = b["step_ends"]
+    per_step = (ends[-1] - ends[0]) / (len(ends) - 1)
+    rest = max(0.0, b["seconds"] - len(ends) * per_step)
+    # a batch measured smaller than the config's: time in proportion to images (an upper bound on a GPU)
+    per_batch = (steps * per_step + rest) * batch / b["images"]
+    return ci.get("load_seconds", 0.0) + math.ceil(n / batch) * per_batch
 
 
 def table(results: List[Dict[str, Any]], figures: Dict[str, Dict[str, Dict[str, Any]]]) -> str:

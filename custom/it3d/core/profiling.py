@@ -169,6 +169,16 @@ class count_syncs:
         return False
 
 
+SYNC_TIMING_ENV = "IT3D_SYNC_TIMING"
+
+
+def sync_if_timing(device) -> None:
+    """Wait for ``device``'s queued work, in measuring runs only (``$IT3D_SYNC_TIMING=1``, CUDA): a
+    timer read after it counts the work, not its launch. Normal runs get no extra host sync."""
+    if os.environ.get(SYNC_TIMING_ENV) == "1" and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
 def _device_of(device) -> Optional[torch.device]:
     if device is None:
         return None

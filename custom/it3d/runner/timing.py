@@ -15,18 +15,16 @@ import time
 from typing import List
 
 import lightning.pytorch as pl
-import torch
 
 from ..core import io
 from ..core.layout import StageDir
+from ..core.profiling import SYNC_TIMING_ENV, sync_if_timing
 
-SYNC_ENV = "IT3D_SYNC_TIMING"
 WARMUP = 2
 
 
 def _sync(module: pl.LightningModule) -> None:
-    if os.environ.get(SYNC_ENV) == "1" and torch.cuda.is_available() and module.device.type == "cuda":
-        torch.cuda.synchronize(module.device)
+    sync_if_timing(module.device)
 
 
 class StepTimer(pl.Callback):
@@ -50,5 +48,5 @@ class StepTimer(pl.Callback):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         io.write_text(self.path, json.dumps({
             "steps": len(self.times), "median_ms": round(statistics.median(steady), 3),
-            "mean_ms": round(statistics.fmean(steady), 3), "warmup": WARMUP, "synced": os.environ.get(SYNC_ENV) == "1",
+            "mean_ms": round(statistics.fmean(steady), 3), "warmup": WARMUP, "synced": os.environ.get(SYNC_TIMING_ENV) == "1",
             "ms": [round(t, 3) for t in self.times]}, indent=1) + "\n")

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from ..core import hub, io
 from ..core.config import ConfigError
 from ..core.errors import It3dError
+from ..core.profiling import sync_if_timing
 from ..core.ranges import check
 from ..core.registry import register
 from ..core.typing import Float, Int, Tensor
@@ -265,13 +266,13 @@ class DreamBoothSystem(BaseSystem):
             log.info(f"dreambooth: generating {len(missing)} class images for '{self.class_prompt}' "
                      f"({c.class_sampler}, {c.class_inference_steps} steps)")
             t0 = time.perf_counter()
-            self._generate_class_images(missing, [os.path.join(folder, n) for n in names], resolution)
+            timing = self._generate_class_images(missing, [os.path.join(folder, n) for n in names], resolution)
             if shared is not None:
                 for i in missing:
                     _link_or_copy(os.path.join(folder, names[i]), os.path.join(shared, names[i]))
             io.write_text(os.path.join(folder, "timing.json"), json.dumps(  # for the speed tables
                 {"images": len(missing), "reused": reused, "steps": c.class_inference_steps, "sampler": c.class_sampler,
-                 "seconds": round(time.perf_counter() - t0, 3)}))
+                 "batch_size": c.class_batch_size, "seconds": round(time.perf_counter() - t0, 3), **timing}))
         elif reused:
             log.info(f"dreambooth: {reused} class images for '{self.class_prompt}' reused from {shared or folder}")
         from ..core.image import read_image
@@ -279,22 +280,38 @@ class DreamBoothSystem(BaseSystem):
         paths = [os.path.join(folder, n) for n in names]
         return torch.from_numpy(np.stack([read_image(p)[..., :3] for p in paths])) if paths else None
 
-    def _generate_class_images(self, missing: List[int], paths: List[str], resolution: int) -> None:
+    def _generate_class_images(self, missing: List[int], paths: List[str], resolution: int) -> Dict[str, Any]:
+        """Writes the missing images; returns where the time went, for the speed tables: ``load_seconds``
+        and per batch its images, seconds and the end of each sampler step (seconds from the batch's start;
+        after a device sync in measuring runs, ``$IT3D_SYNC_TIMING=1``)."""
         from diffusers import StableDiffusionPipeline
 
         c = self.cfg
+        t_load = time.perf_counter()
         # the base model (not the weights being trained, also on a resume), in the run's precision
         pipe = hub.load(StableDiffusionPipeline, c.pretrained_model_name_or_path, dtype="auto",
                         device=self.run_device, config_key="system.pretrained_model_name_or_path", cache=False,
                         safety_checker=None, requires_safety_checker=False)
         pipe.scheduler = class_scheduler(c.class_sampler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
+        sync_if_timing(self.run_device)
+        timing: Dict[str, Any] = {"load_seconds": round(time.perf_counter() - t_load, 3), "batches": []}
         for start in range(0, len(missing), c.class_batch_size):
             idx = missing[start:start + c.class_batch_size]
             gen = torch.Generator(device=self.run_device).manual_seed(c.class_seed + idx[0])
+            ends: List[float] = []
+            t0 = time.perf_counter()
+
+            def stamp(_pipe, _i, _t, kwargs):
+                sync_if_timing(self.run_device)
+                ends.append(round(time.perf_counter() - t0, 4))
+                return kwargs
+
             imgs = pipe([self.class_prompt] * len(idx), num_inference_steps=c.class_inference_steps,
                         guidance_scale=c.class_guidance_scale, height=resolution, width=resolution,
-                        generator=gen, output_type="np").images
+                        generator=gen, output_type="np", callback_on_step_end=stamp).images
+            timing["batches"].append({"images": len(idx), "seconds": round(time.perf_counter() - t0, 4),
+                                      "step_ends": ends})
             for i, img in zip(idx, imgs):
                 tmp = paths[i] + ".tmp.png"
                 io.save_image(tmp, img)
@@ -303,6 +320,7 @@ class DreamBoothSystem(BaseSystem):
         if self.run_device.type == "cuda":
             torch.cuda.synchronize(self.run_device)
             torch.cuda.empty_cache()
+        return timing
 
     # ------------------------------------------------------------------ training
     def encode_prompts(self, prompts: List[str]) -> Tensor:
