@@ -74,3 +74,45 @@ def test_uploads_and_backward_are_counted():
     # attributed to the line in backward (co_firstlineno is the @staticmethod line)
     assert s.count == 1 and s.by_site() == {f"{__file__}:{ReadsInBackward.backward.__code__.co_firstlineno + 2} item": 1}
     assert "1 device->host syncs, 0 host->device uploads" in s.report()
+
+
+# ----------------------------------------------------------------------------- op census
+def test_census_counts_a_matmul_by_hand_and_views_as_free():
+    from it3d.core.profiling import DeviceSpec, op_census
+
+    spec = DeviceSpec("test", peak_flops=1e12, bandwidth=1e11)
+    a, b = torch.rand(64, 32), torch.rand(16, 32)
+    with op_census(spec) as c:
+        out = a @ b.t()  # t(): a view, no kernel
+    assert c.total.launches == 1
+    assert c.total.flops == 2 * 64 * 32 * 16
+    assert c.total.bytes == (64 * 32 + 16 * 32 + 64 * 16) * 4
+    assert c.total.compute_s == pytest.approx(2 * 64 * 32 * 16 / 1e12)
+    assert c.total.roofline_s == pytest.approx(max(2 * 64 * 32 * 16 / 1e12, (64 * 32 + 16 * 32 + 64 * 16) * 4 / 1e11))
+    assert c.seconds(launch_s=1e-6) == pytest.approx(c.total.roofline_s + 1e-6)
+    # an elementwise op on a broadcast view reads the view's storage once, not its 64 x 16 elements
+    row = torch.rand(1, 16)
+    with op_census(spec) as c:
+        out + row.expand(64, 16)
+    assert (c.total.launches, c.total.flops, c.total.bytes) == (1, 0.0, (64 * 16 + 16 + 64 * 16) * 4)
+
+
+def test_census_counts_the_backward_and_names_the_module():
+    from it3d.core.profiling import op_census
+
+    m, k, n = 8, 12, 5
+    net = torch.nn.Sequential(torch.nn.Linear(k, n), torch.nn.ReLU())
+    x = torch.rand(m, k)
+    with op_census(depth=2) as c:
+        net(x).sum().backward()
+        (x * 2).sum()
+    # forward x W^T and the weight's gradient g^T x: two matmuls; x needs no gradient, so no third
+    assert c.total.flops == 2 * (2 * m * k * n)
+    # both inside the module: ModuleTracker follows the backward too; the ops outside it go to (none)
+    assert c.by_module["Sequential"].flops == c.by_module["Sequential.0"].flops == 2 * (2 * m * k * n)
+    assert "Sequential.1" in c.by_module and c.by_module["Sequential.1"].flops == 0
+    assert c.by_module["(none)"].launches >= 2 and c.by_module["(none)"].flops == 0
+    x.requires_grad_(True)
+    with op_census() as c:
+        net(x).sum().backward()
+    assert c.total.flops == 3 * (2 * m * k * n) and "Sequential.0" not in c.by_module  # depth 1: roots only

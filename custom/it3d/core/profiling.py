@@ -316,3 +316,128 @@ class peak_memory(peak_allocated):
 
 
 MemoryPeak = MemoryUse  # the old name
+
+
+# ----------------------------------------------------------------------------- op census (a time floor)
+@dataclass(frozen=True)
+class DeviceSpec:
+    """The figures a roofline needs: dense half-precision matmul peak (FLOP/s) and memory bandwidth (B/s)."""
+    name: str
+    peak_flops: float
+    bandwidth: float
+
+
+# NVIDIA's H100 SXM5 / H200 SXM datasheets: 989.4 dense BF16/FP16 tensor TFLOPS (1,979 "with sparsity");
+# HBM3 3.35 TB/s, HBM3e 4.8 TB/s. Same compute die.
+H100 = DeviceSpec("H100 SXM", 989.4e12, 3.35e12)
+H200 = DeviceSpec("H200 SXM", 989.4e12, 4.8e12)
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_", "resize_",
+              "_local_scalar_dense", "lift_fresh", "is_same_size", "sym_size", "sym_stride", "sym_numel"}
+
+
+@dataclass
+class OpTally:
+    launches: int = 0  # aten ops that run a kernel (views, allocations and metadata ops are free)
+    flops: float = 0.0  # matmul / convolution / attention FLOPs (torch.utils.flop_counter's formulas)
+    bytes: float = 0.0  # bytes the kernels read and write: their tensor inputs and outputs
+    compute_s: float = 0.0  # flops / peak
+    memory_s: float = 0.0  # bytes / bandwidth
+    roofline_s: float = 0.0  # per kernel the larger of the two, summed: no fusion, no launch cost
+
+    def add(self, flops: float, nbytes: float, spec: DeviceSpec) -> None:
+        c, m = flops / spec.peak_flops, nbytes / spec.bandwidth
+        self.launches += 1
+        self.flops += flops
+        self.bytes += nbytes
+        self.compute_s += c
+        self.memory_s += m
+        self.roofline_s += max(c, m)
+
+
+@dataclass
+class OpCensus:
+    """What :class:`op_census` counted: ``total`` and, per module (its fully qualified name from the first
+    module called, at most ``depth`` levels deep; ``(none)`` for ops outside every module), an
+    :class:`OpTally`."""
+    spec: DeviceSpec
+    total: OpTally = field(default_factory=OpTally)
+    by_module: Dict[str, OpTally] = field(default_factory=dict)
+
+    def seconds(self, launch_s: float = 0.0) -> float:
+        """The roofline time plus ``launch_s`` per kernel launch."""
+        return self.total.roofline_s + launch_s * self.total.launches
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes a kernel touches for ``t``: its elements, but no more than its storage (broadcast views)."""
+    n = t.numel() * t.element_size()
+    try:
+        return min(n, t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):
+        return n
+
+
+def _is_view(func) -> bool:
+    rets = func._schema.returns
+    return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
+
+
+class _CensusMode(TorchDispatchMode):
+    def __init__(self, census: OpCensus, tracker, depth: int) -> None:
+        super().__init__()
+        self.census, self.tracker, self.depth = census, tracker, depth
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.__name__.split(".")[0]
+        if _is_view(func) or name in _NO_KERNEL:
+            return out
+        packet = func._overloadpacket
+        flops = float(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0.0
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        nbytes = float(sum(_nbytes(t) for t in ins + outs))
+        spec = self.census.spec
+        self.census.total.add(flops, nbytes, spec)
+        mods = [p for p in self.tracker.parents if p != "Global" and p.count(".") < self.depth]
+        for m in mods or ["(none)"]:
+            self.census.by_module.setdefault(m, OpTally()).add(flops, nbytes, spec)
+        return out
+
+
+class op_census:
+    """Context manager -> :class:`OpCensus`: every aten op the block runs, forward and backward, as the
+    kernels a GPU would launch, each with its FLOPs and the bytes it reads and writes, and from those a
+    roofline time on ``spec``: per kernel max(FLOPs / peak, bytes / bandwidth). It is a floor -- no launch
+    cost, no host overhead, no kernel below its roofline -- and an upper bound on what fusing kernels
+    saves in traffic (every kernel here reads its inputs from memory and writes its outputs back). It
+    counts the ops of the code path that ran (on a CPU: the CPU's, e.g. the torch hash grid, not Triton's
+    fused kernel)::
+
+        with op_census(H100, depth=2) as c:
+            loss = step(); loss.backward()
+        c.total.flops, c.total.launches, c.seconds(launch_s=4e-6), c.by_module["UNet2DConditionModel"]
+
+    Views, allocations and metadata ops launch nothing and count nothing."""
+
+    def __init__(self, spec: DeviceSpec = H100, depth: int = 1) -> None:
+        self.result = OpCensus(spec)
+        self.depth = depth
+
+    def __enter__(self) -> OpCensus:
+        from torch.utils.module_tracker import ModuleTracker
+
+        self._tracker = ModuleTracker()
+        self._tracker.__enter__()
+        self._mode = _CensusMode(self.result, self._tracker, self.depth)
+        self._mode.__enter__()
+        return self.result
+
+    def __exit__(self, *exc) -> bool:
+        self._mode.__exit__(*exc)
+        self._tracker.__exit__(*exc)
+        return False
