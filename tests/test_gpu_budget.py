@@ -59,3 +59,48 @@ def test_paper_figures_read_the_method_config():
     assert fig["dreambooth"] == {"run": "lightning", "steps": 200, "class_images": 200, "class_steps": 25,
                                  "class_batch": 4}
     assert (fig["coarse"]["steps"], fig["refine"]["steps"]) == (7000, 3000)
+
+
+# ----------------------------------------------------------------------------- bench_memory --census
+_bspec = importlib.util.spec_from_file_location("bench_memory",
+                                                os.path.join(ROOT, "tests", "benchmarks", "bench_memory.py"))
+bench = importlib.util.module_from_spec(_bspec)
+_bspec.loader.exec_module(bench)
+
+
+def test_triton_hash_grid_times_interpolate_the_h200_measurements():
+    assert bench._triton_ms("forward", 2 ** 18) == pytest.approx(0.31)
+    assert bench._triton_ms("backward_xt", 2 ** 20) == pytest.approx(3.93)
+    assert bench._triton_ms("backward_t", (2 ** 18 + 2 ** 20) // 2) == pytest.approx((1.02 + 3.05) / 2)
+
+
+def test_census_counts_the_hash_grid_as_triton_calls_and_puts_the_kernels_back():
+    import torch
+    from it3d.encodings.hash_grid import TINY_HASH_GRID, HashGridEncoding, TorchKernels
+
+    enc = HashGridEncoding(dict(TINY_HASH_GRID, backend="torch"))
+    x = torch.rand(3000, 3, generator=torch.Generator().manual_seed(0))
+    ref = enc(x)
+    kernels = dict(TorchKernels.__dict__)
+
+    def step():
+        enc.params.grad = None
+        out = enc(x)
+        out.sum().backward()
+        return out
+
+    bench.CENSUS["hash_grid"] = "torch"
+    with bench._Census() as torch_path:
+        step()
+    assert torch_path.hash_grid == {"calls": 0, "ms": 0.0} and torch_path.total.launches > 20
+    bench.CENSUS["hash_grid"] = "triton"
+    with bench._Census() as c:
+        out = step()
+    # one forward and one table-gradient backward, at their H200 times; the values still computed
+    assert c.hash_grid["calls"] == 2
+    assert c.hash_grid["ms"] == pytest.approx(bench._triton_ms("forward", 3000) + bench._triton_ms("backward_t", 3000))
+    assert torch.equal(out.detach(), ref.detach()) and enc.params.grad.abs().sum() > 0
+    # what is left in the census is the step's own ops (the sum, its gradient), not the encoding's gathers
+    assert c.total.launches < 6 < torch_path.total.launches
+    assert all(TorchKernels.__dict__[k] is kernels[k] for k in ("forward", "backward", "backward2"))
+    assert TorchKernels.chunk == {"cpu": 2 ** 15, "cuda": 2 ** 17}

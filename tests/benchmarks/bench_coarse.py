@@ -15,6 +15,7 @@ render + loss + backward, and the grid update separately) and prints the sample-
 
     python tests/benchmarks/bench_coarse.py --device cpu --sizes 64 128 --steps 3 [--sparse] [--threads 1]
     python tests/benchmarks/bench_coarse.py --sizes 64 --shading lambertian --memory   # + one step's peak bytes
+    python tests/benchmarks/bench_coarse.py --sizes 128 --grid-res 128 --sparse --census  # + its kernels and bytes
     python tests/benchmarks/bench_coarse.py --device cuda --sizes 64 128 256 --steps 20 --encoding-backend triton
     python tests/benchmarks/bench_coarse.py --src /path/to/other/checkout/custom ...   # before/after: same bench,
                                                                                        # another version of it3d
@@ -34,7 +35,10 @@ _src = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else HERE_SR
 sys.path.insert(0, os.path.abspath(_src))
 
 from it3d.core.registry import get  # noqa: E402
-from it3d.core.cameras import get_rays, spherical_c2w  # noqa: E402
+try:
+    from it3d.core.cameras import get_rays, spherical_c2w  # noqa: E402
+except ModuleNotFoundError:  # an --src from before the camera maths moved to core/ (Dec 4, 17:41)
+    from it3d.data.cameras import get_rays, spherical_c2w  # noqa: E402
 from it3d.renderers import volume as volume_mod  # noqa: E402
 
 
@@ -202,6 +206,11 @@ def run(size: int, args, device: torch.device) -> dict:
         with _load_profiling("peak_allocated")(device) as mem:
             step(400)
         mem_stats = {k: int(v) for k, v in ren.last_stats.items()}  # its own samples (the grid was updated)
+    census = None
+    if args.census:  # one whole step's kernels, FLOPs and bytes: what a GPU would launch and move
+        opt.zero_grad(set_to_none=True)
+        with _load_profiling("op_census")(_load_profiling("H200")) as census:
+            step(500)
     timers = Timers(device)
     instrument(geo, mat, ren, timers)
     for i in range(args.profile_steps):
@@ -210,7 +219,7 @@ def run(size: int, args, device: torch.device) -> dict:
             "grid_update_s": grid_update_s, "stats": stats, "timers": dict(timers.total),
             "syncs": syncs.count, "uploads": syncs.uploads, "update_syncs": update_syncs.count,
             "cuda_syncs": getattr(counter, "cuda_syncs", 0) if device.type == "cuda" else None,
-            "sync_sites": syncs.by_site(), "memory": mem, "memory_stats": mem_stats}
+            "sync_sites": syncs.by_site(), "memory": mem, "memory_stats": mem_stats, "census": census}
 
 
 def rss_peak_mb() -> float:
@@ -237,6 +246,8 @@ def main() -> None:
                         "normals as constants of the step); default: the renderer's (on in training)")
     p.add_argument("--memory", action="store_true",
                    help="also measure one step's peak allocation (it3d.core.profiling.peak_allocated: exact on CPU)")
+    p.add_argument("--census", action="store_true",
+                   help="+ one step's kernel count, FLOPs, bytes and H200 roofline (it3d.core.profiling.op_census)")
     p.add_argument("--src", default=HERE_SRC, help="the it3d source dir to measure (default: this checkout)")
     p.add_argument("--sparse", action="store_true",
                    help="bias the density down so the occupancy grid skips most samples (a trained scene's case); "
@@ -271,6 +282,11 @@ def main() -> None:
             m, ms = r["memory"], r["memory_stats"]
             slots = max(ms.get("n_slots", ms.get("n_evaluated", 0)), 1)
             print(f"  step memory: {m.report()}; {slots} evaluated slots, step peak / slot = {m.peak_bytes / slots:.0f} B")
+        if r["census"] is not None:
+            c = r["census"].total
+            print(f"  step census: {c.launches} kernels, {c.flops / 1e9:.1f} GFLOP, {c.bytes / 1e9:.2f} GB read + written; "
+                  f"H200 floors: compute {c.compute_s * 1e3:.2f} ms, memory {c.memory_s * 1e3:.2f} ms, "
+                  f"roofline {c.roofline_s * 1e3:.2f} ms")
         for site, n in sorted(r["sync_sites"].items()):
             print(f"    sync x{n} {site}")
         tot = sum(r["timers"].values())

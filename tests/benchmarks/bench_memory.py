@@ -1,4 +1,5 @@
-"""CPU projection of a stage's GPU peak memory (issue 17; not collected by pytest).
+"""CPU projection of a stage's GPU peak memory (issue 17) and, with ``--census``, of its GPU time (issue 13); not
+collected by pytest.
 
 Builds one training stage of a method config with the real system objects (``build_components``; the
 frozen models full-size with random weights in the published layouts, ``it3d.testing`` ``size="full"``
@@ -21,6 +22,7 @@ peak extrapolated to the paper's (``--px``: see :func:`extrapolate`).
     python tests/benchmarks/bench_memory.py --rows mi3d-coarse --out /tmp/mem.json
     python tests/benchmarks/bench_memory.py --rows ci3d-coarse --px 64 96    # extrapolated to 128 and 256
     python tests/benchmarks/bench_memory.py --rows ci3d-refine-build    # the refine stage's point-cloud build
+    python tests/benchmarks/bench_memory.py --census [--sparse] --rows mi3d-coarse ci3d-dreambooth   # GPU time
 
 Measured on a 2-core CPU (Dec 2026; GiB). Before the recomputing hash-grid Function (the torch path kept
 autograd's graph of its gathers, ~7 KB a sample with the normals' second-order graph): make-it-3d coarse at
@@ -42,6 +44,29 @@ Customize-it-3d coarse with finite-difference normals: 3.68 / 5.05 at 48 / 64 px
 Customize-it-3d refine's point-cloud build (800 px build views, 700k samples, one img2img pass with the
 DreamBooth pipeline's shared UNet / VAE and one SAM-H pass counted inside the block): resident 4.19 + 1.92 =
 6.11 (measured), under its training step's 8.0.
+
+Customize-it-3d DreamBooth step (``--rows ci3d-dreambooth``: 512 px instance + class image, fp32 UNet + text
+encoder under bf16 autocast, gradient checkpointing, clipping, the one-tensor AdamW): resident 13.64 + step peak
+4.87 = 18.51 (measured; the H200's 23.1 predates checkpointing and carried foreach AdamW's weight-sized temporary).
+
+``--census`` counts the step instead (``it3d.core.profiling.op_census`` on the H200's figures): its kernels, FLOPs
+and bytes, the roofline floor, the hash grid as the Triton kernels' measured H200 times (``--hash-grid torch``:
+as torch kernels in CUDA's chunks), and an eager estimate = 10.6 us x kernels + 2.33 x roofline + hash grid, fitted
+to bench_coarse's two H200 sizes (see ``LAUNCH_S``); ``--sparse`` gives coarse rows a trained-looking field (3 %
+of the occupancy grid's cells occupied, 5-10 % of the samples evaluated) instead of the blob. Dec 2026, this code:
+
+    row (px)               kernels  TFLOP  GB moved  roofline ms  hash grid ms  eager ms  steps  minutes
+    mi3d-coarse (100)         1771   3.67     54.5        13.6          21.1      71.7   5000     5.97
+      --sparse                1767   3.54     26.4         7.8           4.7      41.7   5000     3.47
+      --hash-grid torch      13335   3.67    302.7        65.3             -     293.6   5000    24.47
+    ci3d-coarse (128)         2915   4.65     82.7        20.0          33.2     110.8   7000    12.92
+      --sparse                2911   4.42     33.5         9.7           4.6      58.2   7000     6.79
+    ci3d-refine (800)         4348   7.13    102.9        25.8             -     106.2   3000     5.31
+    mi3d-refine (800)         3198   6.25    113.7        27.6             -      98.2   5000     8.18
+    ci3d-dreambooth (512)    16030   7.50    171.9        40.2             -     263.6    200     0.88
+
+Launches are a quarter to two thirds of every eager estimate: in DreamBooth 9,562 of the 16,030 kernels are the
+one-tensor AdamW and the clipping (~100 ms a step, ~20 s a stage, the price of its 4.5 GiB less).
 
 What it cannot see: allocations outside PyTorch's allocator (BLAS / oneDNN scratch; cuBLAS and cuDNN
 workspaces, which the GPU's caching allocator does count), the caching allocator's rounding and
@@ -86,6 +111,11 @@ ROWS = {
                          {100: 14.8}),  # (the view drawn at --step 3000 is a back view: SDS there)
     "mi3d-refine-clip": ("configs/make-it-3d.yaml", "refine", ["system.guidance.clip_d.max_step_percent=0.39"],
                          {800: 12.1}),
+    # one DreamBooth step (measure_dreambooth): the instance image and a class image at 512 px through the trained
+    # fp32 UNet + text encoder under half-precision autocast, backward, gradient clipping, AdamW; px = the images'
+    # (the H200's 23.1 GB, 235-280 ms a step, predate gradient checkpointing and the one-tensor AdamW; that setting
+    # needs more than this machine's 24 GiB of RAM to measure here)
+    "ci3d-dreambooth": ("configs/customize-it-3d.yaml", "dreambooth", [], {512: None}),
 }
 
 
@@ -115,7 +145,7 @@ def stage_config(config: str, stage: str, extra, work: str):
     s = f"stage.{stage}."
     over = [f"data.image_path={IMAGE}", f"exp_root_dir={work}", "precision=bf16", "use_timestamp=false",
             f"data.depth_path={DEPTH}", "data.caption=a photo of a teddy bear on a table"]
-    if "customize" in config:  # the DreamBooth stage's pipeline: SD2 of the same architecture
+    if "customize" in config and stage != "dreambooth":  # the DreamBooth stage's pipeline: SD2 of that architecture
         over += [s + f"system.guidance.dreambooth.pretrained_model_name_or_path={sd}"]
         if stage == "refine":
             over += [s + f"system.builder.enhance.pretrained_model_name_or_path={sd}"]
@@ -151,9 +181,120 @@ def fake_cloud(system, n: int, seed: int = 0):
     system.geometry.set_points(p.to(dev), colors.to(dev), is_ref.to(dev))
 
 
+CENSUS = {"on": False, "hash_grid": "triton", "sparse": False}  # --census: the step's op census instead of its memory
+
+# The Triton hash grid's kernels on the H200 (tests/gpu/hashgrid_check.py, Dec 4: paper grid 16 x 2^19 x 2, torch 2.11,
+# Triton 3.6), ms per call at 262,144 and 1,048,576 points, linear between: forward; backward with the table
+# gradient (forward + backward - forward); with the table and input gradients; the double backward (normals step
+# - forward - backward with both).
+TRITON_MS = {"forward": (0.31, 1.15), "backward_t": (1.02, 3.05), "backward_xt": (1.17, 3.93), "backward2": (1.17, 3.08)}
+# Eager time on the H200 ~= LAUNCH_S x kernels + BANDWIDTH_FACTOR x roofline, fitted exactly to the two sizes
+# bench_coarse measured there (torch hash grid, code of e3b6365: 19 ms at 128 px, 47 ms at 256 px) and this
+# census of that code (774 kernels both; roofline 4.63 / 16.63 ms). The same model overstates the isolated torch
+# encoding of hashgrid_check by 1.6-2x (its tight loop has less Python per kernel than a training step).
+LAUNCH_S, BANDWIDTH_FACTOR = 10.6e-6, 2.33
+
+
+def _triton_ms(kind: str, n: int) -> float:
+    a, b = TRITON_MS[kind]
+    return max(0.0, a + (b - a) * (n - 2 ** 18) / (2 ** 20 - 2 ** 18))
+
+
+def model_triton_hash_grid(tally: dict):
+    """Census as a GPU runs the hash grid with ``backend: auto`` (Triton): its torch kernels still compute the
+    values here, outside the census, and each call adds the H200 time of the Triton kernel it stands for.
+    Returns a function that puts the kernels back."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from it3d.encodings.hash_grid import TorchKernels
+
+    saved = {n: TorchKernels.__dict__[n] for n in ("forward", "backward", "backward2")}
+
+    def wrap(name, kind_of):
+        orig = saved[name]
+
+        def run(self, x, *args):
+            with _disable_current_modes():
+                out = orig(self, x, *args)
+            kind = kind_of(args)
+            if kind:
+                tally["calls"] += 1
+                tally["ms"] += _triton_ms(kind, x.shape[0])
+            return out
+
+        setattr(TorchKernels, name, run)
+
+    wrap("forward", lambda a: "forward")
+    # backward(x, table, g, want_x, want_t); backward2(x, table, g, ggx, want_t, want_g)
+    wrap("backward", lambda a: ("backward_xt" if a[2] else "backward_t") if (a[2] or a[3]) else None)
+    wrap("backward2", lambda a: "backward2" if (a[3] or a[4]) else None)
+
+    def restore():
+        for n, f in saved.items():
+            setattr(TorchKernels, n, f)
+
+    return restore
+
+
+class _Census:
+    """op_census on the H200, with the hash grid counted as ``CENSUS['hash_grid']`` runs it on a GPU."""
+
+    def __enter__(self):
+        from it3d.core.profiling import H200, op_census
+        from it3d.encodings.hash_grid import TorchKernels
+
+        self.tally = {"calls": 0, "ms": 0.0}
+        chunks = dict(TorchKernels.chunk)
+        if CENSUS["hash_grid"] == "triton":
+            put_back = model_triton_hash_grid(self.tally)
+        else:  # the torch path in the chunks CUDA uses (fewer, larger kernels than the CPU's)
+            TorchKernels.chunk["cpu"] = TorchKernels.chunk["cuda"]
+            put_back = lambda: None  # noqa: E731
+
+        def restore():
+            put_back()
+            TorchKernels.chunk.update(chunks)
+
+        self.restore = restore
+        self.inner = op_census(H200, depth=2)
+        self.c = self.inner.__enter__()
+        self.c.hash_grid = self.tally
+        return self.c
+
+    def __exit__(self, *exc):
+        try:
+            return self.inner.__exit__(*exc)
+        finally:
+            self.restore()
+
+
+def measuring():
+    """The context the measured block runs in: the memory peak, or with ``--census`` the op census."""
+    from it3d.core.profiling import peak_allocated
+
+    return _Census() if CENSUS["on"] else peak_allocated("cpu")
+
+
+def census_result(c) -> dict:
+    """The census of one block: totals, the roofline floor on an H100, and the modules at depth <= 2 by
+    their roofline time (names from torch's ModuleTracker: the first module called, then its children)."""
+    mods = sorted(c.by_module.items(), key=lambda kv: -kv[1].roofline_s)
+    hg = getattr(c, "hash_grid", {"calls": 0, "ms": 0.0})
+    eager = LAUNCH_S * (c.total.launches + hg["calls"]) + BANDWIDTH_FACTOR * c.total.roofline_s + hg["ms"] / 1e3
+    return {"census": {"launches": c.total.launches, "tflop": c.total.flops / 1e12, "gb_moved": c.total.bytes / 1e9,
+                       "compute_ms": c.total.compute_s * 1e3, "memory_ms": c.total.memory_s * 1e3,
+                       "roofline_ms": c.total.roofline_s * 1e3, "device": c.spec.name, "hash_grid": CENSUS["hash_grid"],
+                       "triton_calls": hg["calls"], "triton_ms": hg["ms"], "eager_ms": eager * 1e3,
+                       "modules": {k: {"launches": v.launches, "tflop": v.flops / 1e12, "gb_moved": v.bytes / 1e9,
+                                       "roofline_ms": v.roofline_s * 1e3} for k, v in mods}}}
+
+
 def row_result(name: str, stage: str, step: int, px: int, guidance_res: dict, points, m, ms: float, load_s: float,
                gpu, **extra) -> dict:
-    """One table row from a :class:`it3d.core.profiling.MemoryUse` ``m`` and the timings."""
+    """One table row from a :class:`it3d.core.profiling.MemoryUse` ``m`` (or an ``OpCensus``) and the timings."""
+    if not hasattr(m, "resident_bytes"):
+        return {"row": name, "stage": stage, "step": step, "render_px": px, "guidance_res": guidance_res,
+                "points": points, "ms_step": round(ms), "load_s": round(load_s, 1), **census_result(m), **extra}
     return {"row": name, "stage": stage, "step": step, "render_px": px, "guidance_res": guidance_res,
             "points": points, "resident_gb": m.resident_bytes / GiB, "step_peak_gb": m.peak_bytes / GiB,
             "peak_gb": m.peak_total_bytes / GiB, "freed_resident_gb": m.freed_resident_bytes / GiB,
@@ -170,7 +311,6 @@ def measure_build(name: str, work: str, px: int) -> dict:
 
     from it3d.builders import base as builders_base
     from it3d.core import hub, registry
-    from it3d.core.profiling import peak_allocated
     from it3d.runner.cli import build_components
 
     torch.set_num_threads(2)
@@ -212,10 +352,56 @@ def measure_build(name: str, work: str, px: int) -> dict:
     load_s = time.time() - t0
     gc.collect()
     t1 = time.time()
-    with peak_allocated("cpu") as m:
+    with measuring() as m:
         system.build_point_cloud(reference)
     return row_result(name, "refine-build", 0, px, {}, system.geometry.num_points, m, (time.time() - t1) * 1000.0,
                       load_s, gpu.get(px), passes=ran)
+
+
+def measure_dreambooth(name: str, work: str, px: int) -> dict:
+    """One DreamBooth training step as Lightning runs it in a half-precision run: the system (its trained fp32
+    UNet and text encoder, the frozen VAE in bf16), a batch of the instance image and one class image at
+    ``px`` (random pixels: the cost does not depend on them), ``diffusion_loss`` under bf16 autocast (the CPU's
+    half; the GPU's fp16-mixed has the same shapes and bytes), backward, ``clip_grad_norm_`` (the config's
+    ``gradient_clip_val``) and the optimizer's step."""
+    import torch
+
+    from it3d.core import hub, registry
+
+    torch.set_num_threads(2)
+    config, stage, extra, gpu = ROWS[name]
+    scfg, parsed = stage_config(config, stage, list(extra), work)
+    hub.set_precision(parsed.precision)
+    t0 = time.time()
+    system = registry.get("system", parsed.system_type)(scfg.system, resumed=False, path="system",
+                                                        save_dir=os.path.join(work, "dreambooth-save"))
+    opt = system.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    params = [p for g in opt.param_groups for p in g["params"]]
+    images = torch.rand(2, px, px, 3, generator=torch.Generator().manual_seed(0))
+    prompts = ["a rgb photo of sks teddy bear", "a photo of teddy bear"]
+    clip = float(scfg.trainer.get("gradient_clip_val") or 0.0)
+    load_s = time.time() - t0
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = system.diffusion_loss(images, prompts).sum()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+
+    torch.manual_seed(0)
+    step()  # the first step allocates the optimizer's moments: the steady state holds them
+    system.zero_grad(set_to_none=True)
+    gc.collect()
+    t1 = time.time()
+    with measuring() as m:
+        step()
+    return row_result(name, stage, 1, px, {}, None, m, (time.time() - t1) * 1000.0, load_s, gpu.get(px),
+                      paper_steps=sum(int(m["steps"]) for m in scfg.data.modalities),
+                      optimizer={k: v for k, v in opt.defaults.items() if k in ("foreach", "fused")},
+                      gradient_checkpointing=bool(scfg.system.gradient_checkpointing))
 
 
 def measure_row(name: str, work: str, px: int, step: int) -> dict:
@@ -223,9 +409,10 @@ def measure_row(name: str, work: str, px: int, step: int) -> dict:
 
     if name.endswith("-build"):
         return measure_build(name, work, px)
+    if "dreambooth" in name:
+        return measure_dreambooth(name, work, px)
 
     from it3d.core import hub
-    from it3d.core.profiling import peak_allocated
     from it3d.runner.cli import build_components
 
     torch.set_num_threads(2)
@@ -259,11 +446,23 @@ def measure_row(name: str, work: str, px: int, step: int) -> dict:
     s = next(k for k in range(step, step + 200) if not dm.train_batch(k)["use_ref"]) if stage == "coarse" else step
     batch = dm.train_batch(s)
     system.set_step(s)
+    sparse = {}
+    if CENSUS["sparse"] and stage == "coarse":  # a trained-looking field (bench_coarse --sparse): a dense core,
+        # near-empty elsewhere; the occupancy grid updated from it, then one unmeasured step sizes the buffers
+        with torch.no_grad():
+            system.geometry.mlp[-1].bias[0] = -4.0
+        ren = system.renderer
+        ren.grid.update(ren.geometry.forward_density, s)
+        torch.manual_seed(0)
+        system.training_step(batch, 0).backward()
+        system.zero_grad(set_to_none=True)
+        ren.sample_buffers.resize()
+        sparse = {"occupied_cells": float(ren.grid.occupied.float().mean())}
     torch.manual_seed(0)
     system.zero_grad(set_to_none=True)
     gc.collect()
     t1 = time.time()
-    with peak_allocated("cpu") as m:
+    with measuring() as m:
         if stage == "refine":
             system.step_losses(batch, backward=lambda loss: loss.backward())
         else:
@@ -275,13 +474,16 @@ def measure_row(name: str, work: str, px: int, step: int) -> dict:
     h = int(batch.get("height", 0) or 0) or (batch["random"]["rays_o"].shape[1] if "random" in batch else 0)
     res = {g: int(scfg.system.guidance[g].resolution) for g in system.guidance}
     return row_result(name, stage, s, h, res, getattr(system.geometry, "num_points", None), m, ms, load_s, gpu.get(px),
-                      clip_fraction=next((v for k, v in logged.items() if k.endswith("clip_fraction")), None))
+                      paper_steps=int(scfg.trainer.max_steps), **sparse,
+                      samples={k: int(v) for k, v in getattr(system.renderer, "last_stats", {}).items()
+                               if k in ("n_samples", "n_slots", "n_evaluated")}, clip_fraction=next((v for k, v in logged.items() if k.endswith("clip_fraction")), None))
 
 
 # ----------------------------------------------------------------------------- driver
 def run_child(name: str, work: str, px: int, step: int, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--work", work, "--step", str(step),
-           "--px", str(px)]
+           "--px", str(px)] + (["--census", "--hash-grid", CENSUS["hash_grid"]] if CENSUS["on"] else []) \
+        + (["--sparse"] if CENSUS["sparse"] else [])
     t0 = time.time()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -307,7 +509,7 @@ def extrapolate(a: dict, b: dict, px: int) -> float:
 
 def extrapolated(name: str, meas) -> list:
     """Rows at the paper's render sizes not measured, from the two largest measured ones."""
-    ok = sorted((m for m in meas if "error" not in m), key=lambda m: m["render_px"])
+    ok = sorted((m for m in meas if "error" not in m and "census" not in m), key=lambda m: m["render_px"])
     out = []
     for px, gpu in sorted(ROWS[name][3].items()):
         if len(ok) >= 2 and px not in [m["render_px"] for m in ok]:
@@ -317,7 +519,43 @@ def extrapolated(name: str, meas) -> list:
     return out
 
 
+def minutes(ms_step: float, steps: int) -> str:
+    return f"{ms_step * steps / 6e4:.2f}" if steps else "-"
+
+
+def census_table(results) -> str:
+    """Census rows: per step the kernels, FLOPs and bytes, and the H100 floors they give; then per row the
+    modules that take most of the roofline time."""
+    head = (f"{'row':24} {'px':>4} {'kernels':>8} {'TFLOP':>7} {'GB moved':>9} {'compute ms':>10} {'memory ms':>9} "
+            f"{'roofline ms':>11} {'hash grid ms':>12} {'eager ms':>8} {'steps':>5} {'min':>6}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['row']:24} {r.get('render_px', '-')!s:>4} ERROR {r['error']} {r.get('stderr', '')}")
+            continue
+        c = r["census"]
+        steps = r.get("paper_steps") or 0
+        hg = f"{c['triton_ms']:.2f} ({c['triton_calls']})" if c.get("hash_grid") == "triton" and c.get("triton_calls") \
+            else ("torch" if c.get("hash_grid") == "torch" else "-")
+        lines.append(f"{r['row']:24} {r['render_px']!s:>4} {c['launches']:8d} {c['tflop']:7.2f} {c['gb_moved']:9.2f} "
+                     f"{c['compute_ms']:10.2f} {c['memory_ms']:9.2f} {c['roofline_ms']:11.2f} {hg:>12} "
+                     f"{c['eager_ms']:8.1f} {steps or '-'!s:>5} "
+                     f"{minutes(c['eager_ms'], steps):>6}")
+    for r in results:
+        if "error" in r:
+            continue
+        lines.append(f"\n{r['row']} at {r['render_px']} px, modules by roofline time (kernels / TFLOP / GB / ms):")
+        for k, v in list(r["census"]["modules"].items())[:12]:
+            lines.append(f"  {k[:60]:60} {v['launches']:7d} {v['tflop']:7.3f} {v['gb_moved']:8.2f} {v['roofline_ms']:8.2f}")
+    return "\n".join(lines) + ("\n(floors on an H200: per kernel max(FLOPs / 989.4 TFLOPS, bytes / 4.8 TB/s), summed, no"
+                               " launch or host cost; hash grid: the Triton kernels' H200 times (calls); eager: "
+                               f"{LAUNCH_S * 1e6:.1f} us x kernels + {BANDWIDTH_FACTOR} x roofline + hash grid, the "
+                               "bench_coarse fit; min: eager x the stage's steps)")
+
+
 def table(results) -> str:
+    if any("census" in r for r in results):
+        return census_table(results)
     head = (f"{'row':32} {'px':>4} {'guid.res':>8} {'points':>7} {'resident':>8} {'step pk':>8} {'peak':>7} "
             f"{'GPU':>6} {'ms/step':>8}")
     lines = [head, "-" * len(head)]
@@ -343,9 +581,18 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--build", action="store_true", help="build the full-size models under $IT3D_MODEL_ROOT/..")
     p.add_argument("--show", nargs="*", default=None, help="print the table of these --out files and stop")
+    p.add_argument("--census", action="store_true",
+                   help="instead of the memory, count the step's kernels, FLOPs and bytes (a GPU time floor)")
+    p.add_argument("--hash-grid", default="triton", choices=["triton", "torch"],
+                   help="--census: count the hash grid as the Triton kernels' H200 times (what auto runs on a GPU) or "
+                        "as the torch path's kernels")
+    p.add_argument("--sparse", action="store_true",
+                   help="coarse rows: a trained-looking field (dense core, empty elsewhere) and its occupancy grid "
+                        "instead of the initial blob, whose fog fills every sample")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
     a = p.parse_args(argv)
+    CENSUS.update(on=a.census, hash_grid=a.hash_grid, sparse=a.sparse)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.build:
         build_models(os.path.dirname(os.environ.get("IT3D_MODEL_ROOT", "/tmp/it3d_full/models").rstrip("/")))
