@@ -116,3 +116,17 @@ def test_census_counts_the_backward_and_names_the_module():
     with op_census() as c:
         net(x).sum().backward()
     assert c.total.flops == 3 * (2 * m * k * n) and "Sequential.0" not in c.by_module  # depth 1: roots only
+
+
+def test_census_counts_a_foreach_op_as_cudas_multi_tensor_launches():
+    from it3d.core.profiling import op_census
+
+    small = [torch.zeros(10) for _ in range(250)]  # 250 tensors of one chunk each: 110 a launch (depth 1)
+    big = [torch.zeros(65536 * 100) for _ in range(4)]  # 400 chunks: 320 blocks a launch
+    with op_census() as c:
+        torch._foreach_mul_(small, 2.0)
+    assert c.total.launches == 3 and c.total.bytes == 2 * 250 * 10 * 4
+    with op_census() as c:
+        torch._foreach_mul_(big, 2.0)
+        torch._foreach_add(small, small)  # out of place, two lists in: depth 3, 48 tensors a launch
+    assert c.total.launches == 2 + 6

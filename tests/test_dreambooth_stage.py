@@ -276,38 +276,68 @@ def test_memory_options_checkpointing_8bit_states_and_one_half_precision_save(tm
     assert torch.equal(saved["conv_in.weight"], trained.half())  # the trained weights, rounded once
 
 
-def test_adamw_steps_one_tensor_at_a_time_without_a_weight_sized_temporary(tmp_path):
-    """The DreamBooth optimiser is torch's AdamW with ``foreach=False`` unless the config says otherwise: after
-    its first step (which allocates the two moments) a step allocates no more than a few copies of the largest
-    tensor; the multi-tensor AdamW (the CUDA default) allocates a temporary the size of all trained weights in
-    every step -- 4.5 GiB for SD 2's UNet + text encoder."""
-    from it3d.core.profiling import peak_allocated
+def test_adamw_steps_in_bounded_groups_without_a_weight_sized_temporary(tmp_path):
+    """The DreamBooth optimiser is torch's multi-tensor AdamW (``foreach``, CUDA's default) over consecutive groups
+    of at most ``system.optimizer_group_mb``: after its first step (which allocates the two moments) a step
+    allocates one group's temporary, where one group allocates all trained weights' (4.5 GiB for SD 2's UNet +
+    text encoder), and it launches a few multi-tensor kernels per group where one tensor at a time launches
+    several per tensor. The grouped step computes exactly what the one-group step does."""
+    import copy
+
+    from it3d.core.profiling import op_census, peak_allocated
     from it3d.runner.cli import build_components
 
-    cfg, parsed = stage_cfg(tmp_path)
+    cfg, parsed = stage_cfg(tmp_path, "system.optimizer.args.weight_decay=0.01")
     _, system = build_components(cfg, parsed, str(tmp_path / "probe"), resumed=False)
     params = [p for p in system.parameters() if p.requires_grad]
-    nbytes = sum(p.numel() * p.element_size() for p in params)
-    largest = max(p.numel() * p.element_size() for p in params)
+    sizes = [p.numel() * p.element_size() for p in params]
+    nbytes, largest = sum(sizes), max(sizes)
+    limit_mb = nbytes / 5 / 2 ** 20  # about five groups
+    system.cfg.optimizer_group_mb = limit_mb
     opt = system.configure_optimizers()
-    assert type(opt) is torch.optim.AdamW and opt.defaults["foreach"] is False and opt.defaults["lr"] == 1e-6
-    steps = {}
-    for name, o in (("single", opt), ("foreach", torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-2, foreach=True))):
-        for p in params:
-            p.grad = torch.ones_like(p)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["foreach"] is True and opt.defaults["lr"] == 1e-6
+    groups = [g["params"] for g in opt.param_groups]
+    assert [id(p) for g in groups for p in g] == [id(p) for p in params]  # every tensor once, in order
+    group_bytes = [sum(p.numel() * p.element_size() for p in g) for g in groups]
+    assert len(groups) >= 5 and all(b <= limit_mb * 2 ** 20 or len(g) == 1 for g, b in zip(groups, group_bytes))
+    assert all(g["weight_decay"] == 1e-2 for g in opt.param_groups)
+
+    def optimizer(kind, ps):
+        if kind == "grouped":
+            return opt
+        return torch.optim.AdamW(ps, lr=1e-6, weight_decay=1e-2, foreach=kind == "one group")
+
+    steps, launches, after = {}, {}, {}
+    start = [copy.deepcopy(p) for p in params]
+    for kind in ("grouped", "one group", "one tensor"):
+        ps = params if kind == "grouped" else [copy.deepcopy(p) for p in start]
+        o = optimizer(kind, ps)
         peaks = []
-        for _ in range(2):
+        for i in range(2):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.5 + i)
             with peak_allocated("cpu", resident=False) as m:
                 o.step()
             peaks.append(m.peak_bytes)
-        steps[name] = peaks
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        with op_census() as c:
+            o.step()
+        steps[kind], launches[kind], after[kind] = peaks, c.total.launches, [p.detach().clone() for p in ps]
         o.zero_grad(set_to_none=True)
-    assert steps["single"][0] >= 2 * nbytes  # exp_avg + exp_avg_sq
-    assert steps["single"][1] <= 4 * largest < nbytes  # per-tensor temporaries only
-    assert steps["foreach"][1] >= nbytes  # the weight-sized temporary
+    assert steps["grouped"][0] >= 2 * nbytes  # exp_avg + exp_avg_sq
+    assert max(group_bytes) <= steps["grouped"][1] <= 1.5 * max(group_bytes) < nbytes  # one group's temporary
+    assert steps["one group"][1] >= nbytes  # the weight-sized temporary
+    assert steps["one tensor"][1] <= 4 * largest
+    assert all(torch.equal(a, b) for a, b in zip(after["grouped"], after["one group"]))
+    assert launches["grouped"] < len(params) <= launches["one tensor"] / 5
     cfg8, parsed8 = stage_cfg(tmp_path, "system.optimizer.name=AdamW8bit")
     _, system8 = build_components(cfg8, parsed8, str(tmp_path / "probe8"), resumed=False)
-    assert "foreach" not in system8.configure_optimizers().defaults  # other optimisers get no torch-only argument
+    opt8 = system8.configure_optimizers()  # other optimisers: no torch-only argument, one group
+    assert "foreach" not in opt8.defaults and len(opt8.param_groups) == 1
+    cfg1, parsed1 = stage_cfg(tmp_path, "system.optimizer.args.foreach=false")
+    _, system1 = build_components(cfg1, parsed1, str(tmp_path / "probe1"), resumed=False)
+    assert len(system1.configure_optimizers().param_groups) == 1  # one tensor at a time needs no groups
 
 
 def test_class_images_shared_across_runs_keyed_by_settings_and_model(tmp_path, monkeypatch):

@@ -46,8 +46,9 @@ DreamBooth pipeline's shared UNet / VAE and one SAM-H pass counted inside the bl
 6.11 (measured), under its training step's 8.0.
 
 Customize-it-3d DreamBooth step (``--rows ci3d-dreambooth``: 512 px instance + class image, fp32 UNet + text
-encoder under bf16 autocast, gradient checkpointing, clipping, the one-tensor AdamW): resident 13.64 + step peak
-4.87 = 18.51 (measured; the H200's 23.1 predates checkpointing and carried foreach AdamW's weight-sized temporary).
+encoder under bf16 autocast, gradient checkpointing, clipping, AdamW in 256 MB groups): resident 13.64 + step peak
+4.74 = 18.39 (measured; 18.51 with the one-tensor AdamW; the H200's 23.1 predates checkpointing and carried the
+one-group multi-tensor AdamW's weight-sized temporary).
 
 ``--census`` counts the step instead (``it3d.core.profiling.op_census`` on the H200's figures): its kernels, FLOPs
 and bytes, the roofline floor, the hash grid as the Triton kernels' measured H200 times (``--hash-grid torch``:
@@ -63,10 +64,11 @@ of the occupancy grid's cells occupied, 5-10 % of the samples evaluated) instead
       --sparse                2911   4.42     33.5         9.7           4.6      58.2   7000     6.79
     ci3d-refine (800)         4348   7.13    102.9        25.8             -     106.2   3000     5.31
     mi3d-refine (800)         3198   6.25    113.7        27.6             -      98.2   5000     8.18
-    ci3d-dreambooth (512)    16030   7.50    171.9        40.2             -     263.6    200     0.88
+    ci3d-dreambooth (512)     7241   7.50    176.7        41.2             -     172.8    200     0.58
+      one-tensor AdamW       16030   7.50    171.9        40.2             -     263.6    200     0.88
 
-Launches are a quarter to two thirds of every eager estimate: in DreamBooth 9,562 of the 16,030 kernels are the
-one-tensor AdamW and the clipping (~100 ms a step, ~20 s a stage, the price of its 4.5 GiB less).
+Launches are a quarter to two thirds of every eager estimate. The one-tensor AdamW and clipping made 9,562 of
+DreamBooth's 16,030 kernels; AdamW in 256 MB multi-tensor groups and the clipping over lists make 773, for 0.12 GiB less peak.
 
 What it cannot see: allocations outside PyTorch's allocator (BLAS / oneDNN scratch; cuBLAS and cuDNN
 workspaces, which the GPU's caching allocator does count), the caching allocator's rounding and
@@ -113,7 +115,7 @@ ROWS = {
                          {800: 12.1}),
     # one DreamBooth step (measure_dreambooth): the instance image and a class image at 512 px through the trained
     # fp32 UNet + text encoder under half-precision autocast, backward, gradient clipping, AdamW; px = the images'
-    # (the H200's 23.1 GB, 235-280 ms a step, predate gradient checkpointing and the one-tensor AdamW; that setting
+    # (the H200's 23.1 GB, 235-280 ms a step, predate gradient checkpointing and the grouped AdamW; that setting
     # needs more than this machine's 24 GiB of RAM to measure here)
     "ci3d-dreambooth": ("configs/customize-it-3d.yaml", "dreambooth", [], {512: None}),
 }
@@ -387,8 +389,8 @@ def measure_dreambooth(name: str, work: str, px: int) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = system.diffusion_loss(images, prompts).sum()
         loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+        if clip:  # as on CUDA: over the gradients' lists (a CPU would go tensor by tensor)
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         opt.step()
 
     torch.manual_seed(0)

@@ -344,9 +344,9 @@ class OpTally:
     memory_s: float = 0.0  # bytes / bandwidth
     roofline_s: float = 0.0  # per kernel the larger of the two, summed: no fusion, no launch cost
 
-    def add(self, flops: float, nbytes: float, spec: DeviceSpec) -> None:
+    def add(self, flops: float, nbytes: float, spec: DeviceSpec, launches: int = 1) -> None:
         c, m = flops / spec.peak_flops, nbytes / spec.bandwidth
-        self.launches += 1
+        self.launches += launches
         self.flops += flops
         self.bytes += nbytes
         self.compute_s += c
@@ -377,6 +377,23 @@ def _nbytes(t: torch.Tensor) -> int:
         return n
 
 
+# CUDA's multi-tensor kernels (ATen/native/cuda/MultiTensorApply.cuh): a launch takes at most 320 blocks of 65,536
+# elements and, by the number of tensor lists, 110 / 64 / 48 / 36 / 30 tensors (the 4 KB-argument limits; CUDA >= 12.1
+# drivers take more tensors a launch, so this is an upper bound there)
+_MT_CHUNK, _MT_BLOCKS, _MT_TENSORS = 65536, 320, (110, 64, 48, 36, 30)
+
+
+def _foreach_launches(name: str, args, out) -> int:
+    """Kernel launches of one ``_foreach_*`` op on CUDA: one per full launch of its tensor lists."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    if not lists:
+        return 1
+    depth = len(lists) + (0 if name.endswith("_") else 1)  # an out-of-place op writes one more list
+    per_launch = _MT_TENSORS[min(depth, len(_MT_TENSORS)) - 1]
+    chunks = sum(-(-t.numel() // _MT_CHUNK) for t in lists[0])
+    return max(1, -(-len(lists[0]) // per_launch), -(-chunks // _MT_BLOCKS))
+
+
 def _is_view(func) -> bool:
     rets = func._schema.returns
     return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
@@ -400,12 +417,17 @@ class _CensusMode(TorchDispatchMode):
         flops = float(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0.0
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outs:  # an in-place op that returns nothing (``_foreach_*_``): its written arguments are its output
+            outs = [t for a, v in zip(func._schema.arguments, args)
+                    if a.alias_info is not None and a.alias_info.is_write
+                    for t in tree_flatten(v)[0] if isinstance(t, torch.Tensor)]
         nbytes = float(sum(_nbytes(t) for t in ins + outs))
         spec = self.census.spec
-        self.census.total.add(flops, nbytes, spec)
+        n = _foreach_launches(name, args, out) if name.startswith("_foreach_") else 1
+        self.census.total.add(flops, nbytes, spec, n)
         mods = [p for p in self.tracker.parents if p != "Global" and p.count(".") < self.depth]
         for m in mods or ["(none)"]:
-            self.census.by_module.setdefault(m, OpTally()).add(flops, nbytes, spec)
+            self.census.by_module.setdefault(m, OpTally()).add(flops, nbytes, spec, n)
         return out
 
 
@@ -422,7 +444,8 @@ class op_census:
             loss = step(); loss.backward()
         c.total.flops, c.total.launches, c.seconds(launch_s=4e-6), c.by_module["UNet2DConditionModel"]
 
-    Views, allocations and metadata ops launch nothing and count nothing."""
+    Views, allocations and metadata ops launch nothing and count nothing; a ``_foreach_*`` op counts the
+    launches CUDA's multi-tensor apply makes for its lists (a CPU runs it tensor by tensor)."""
 
     def __init__(self, spec: DeviceSpec = H100, depth: int = 1) -> None:
         self.result = OpCensus(spec)

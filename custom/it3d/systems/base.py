@@ -186,6 +186,11 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
         """Arguments the system gives ``optimizer_cls`` unless ``system.optimizer.args`` sets them."""
         return {}
 
+    def optimizer_groups(self, params: List[Tensor], optimizer_cls, args: Dict[str, Any]) -> list:
+        """The trained tensors (no ``system.optimizer.params`` groups given) as ``optimizer_cls`` gets them:
+        one group by default."""
+        return params
+
     def configure_optimizers(self):
         ocfg = dict(self.cfg.optimizer)
         name = ocfg.get("name", "Adam")
@@ -204,7 +209,7 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
                 if ps:
                     params.append({"params": ps, **dict(gargs or {})})
         else:
-            params = [p for p in self.parameters() if p.requires_grad]
+            params = self.optimizer_groups([p for p in self.parameters() if p.requires_grad], optimizer_cls, args)
         opt = optimizer_cls(params, **args)
         if not self.cfg.scheduler:
             return opt

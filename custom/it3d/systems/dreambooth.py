@@ -159,6 +159,7 @@ class DreamBoothSystem(BaseSystem):
         class_cache_dir: str = ".it3d_cache/class_images"  # shared across runs; "" = only the trial's own copy
         vae_dtype: str = "auto"  # the frozen VAE (auto: the run's precision); the trained UNet / text encoder keep fp32 weights
         gradient_checkpointing: bool = True  # recompute the UNet's / text encoder's activations in the backward
+        optimizer_group_mb: float = check(256.0, gt=0)  # the multi-tensor Adam / AdamW steps groups of at most this
         save_dtype: str = "auto"  # weights of the saved pipeline: auto (the run's precision: fp16 on CUDA) | fp32 | fp16 | bf16
         sample_steps: int = 50  # --test samples
         sample_guidance_scale: float = 7.5
@@ -197,14 +198,34 @@ class DreamBoothSystem(BaseSystem):
         return self._frozen["vae"]
 
     def optimizer_defaults(self, optimizer_cls) -> Dict[str, Any]:
-        """torch's Adam / AdamW one tensor at a time (``foreach=False``): the multi-tensor step, CUDA's default,
-        allocates a temporary the size of all trained weights in each step (its sqrt of the second moments) --
-        4.5 GiB for the SD 2 UNet + text encoder, on top of weights, gradients and moments (4.5 + 4.5 + 9.0
-        GiB): the H200's 23.1 GiB DreamBooth peak; one tensor at a time the temporary is the largest tensor's
-        (~60 MB), for a few hundred more kernel launches a step. (``fused=True`` has no temporary at all, but
-        Lightning refuses gradient clipping -- ``--max_grad_norm 1`` here -- with it under mixed precision.)
-        ``system.optimizer.args.foreach`` chooses otherwise; other optimisers (AdamW8bit) get nothing."""
-        return {"foreach": False} if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) else {}
+        """torch's Adam / AdamW with its multi-tensor step (``foreach=True``, CUDA's default: ~60 kernel launches
+        an op for the SD 2 UNet + text encoder), over groups of at most ``optimizer_group_mb``
+        (:meth:`optimizer_groups`). One group, its step allocates a temporary the size of all trained weights
+        (the sqrt of the second moments): 4.5 GiB on top of weights, gradients and moments (4.5 + 4.5 + 9.0
+        GiB), the H200's 23.1 GiB DreamBooth peak. One tensor at a time (``foreach: false``) the temporary is
+        the largest tensor's, but the step launches ~9,000 kernels (~0.1 s a step on an H200, ``bench_memory.py
+        --census``). ``fused=True`` has neither cost, but Lightning refuses gradient clipping -- ``--max_grad_norm
+        1`` here -- with it under mixed precision. ``system.optimizer.args.foreach`` chooses otherwise; other
+        optimisers (AdamW8bit) get nothing."""
+        return {"foreach": True} if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) else {}
+
+    def optimizer_groups(self, params: List[Tensor], optimizer_cls, args: Dict[str, Any]) -> list:
+        """For the multi-tensor Adam / AdamW: consecutive tensors in groups of at most ``optimizer_group_mb``
+        (a larger tensor alone), so its temporary is one group's size; each group steps as its own multi-tensor
+        call. Anything else: one group."""
+        if optimizer_cls not in (torch.optim.Adam, torch.optim.AdamW) or not args.get("foreach"):
+            return params
+        limit = self.cfg.optimizer_group_mb * 2 ** 20
+        groups: List[List[Tensor]] = []
+        size = 0.0
+        for p in params:
+            n = p.numel() * p.element_size()
+            if not groups or size + n > limit:
+                groups.append([])
+                size = 0.0
+            groups[-1].append(p)
+            size += n
+        return [{"params": g} for g in groups]
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
