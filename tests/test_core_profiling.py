@@ -130,3 +130,32 @@ def test_census_counts_a_foreach_op_as_cudas_multi_tensor_launches():
         torch._foreach_mul_(big, 2.0)
         torch._foreach_add(small, small)  # out of place, two lists in: depth 3, 48 tensors a launch
     assert c.total.launches == 2 + 6
+
+
+def test_census_counts_cpu_attention_and_names_blocks_inside_containers():
+    from it3d.core.profiling import op_census
+
+    b, h, l, s_, d = 2, 3, 16, 24, 8
+    q = torch.rand(b, h, l, d, requires_grad=True)
+    k, v = torch.rand(b, h, s_, d), torch.rand(b, h, s_, d)
+    with op_census() as c:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert c.total.flops == 2 * (2 * b * h * l * s_ * d)  # q k^T and p v
+    with op_census() as c:
+        out.sum().backward()
+    assert c.total.flops == 2.5 * 2 * (2 * b * h * l * s_ * d)  # flop_counter's backward: 5 matmuls
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+
+        def forward(self, x):
+            for blk in self.blocks:  # the ModuleList itself is never called
+                x = blk(x)
+            return x
+
+    with op_census(depth=2) as c:
+        Net()(torch.rand(3, 4))
+    assert set(c.by_module) - {"(none)"} == {"Net", "Net.blocks.0", "Net.blocks.1"}  # (none): the init, the input
+    assert c.by_module["Net.blocks.0"].flops == 2 * 3 * 4 * 4

@@ -1,5 +1,6 @@
 """Multi-modal DreamBooth stage on the tiny Stable Diffusion, driven by Lightning through it3d.runner.cli:
 schedule order and proportions, weights that change, class images cached, the saved pipeline, resume."""
+import copy
 import json
 import os
 import shutil
@@ -282,8 +283,6 @@ def test_adamw_steps_in_bounded_groups_without_a_weight_sized_temporary(tmp_path
     allocates one group's temporary, where one group allocates all trained weights' (4.5 GiB for SD 2's UNet +
     text encoder), and it launches a few multi-tensor kernels per group where one tensor at a time launches
     several per tensor. The grouped step computes exactly what the one-group step does."""
-    import copy
-
     from it3d.core.profiling import op_census, peak_allocated
     from it3d.runner.cli import build_components
 
@@ -338,6 +337,46 @@ def test_adamw_steps_in_bounded_groups_without_a_weight_sized_temporary(tmp_path
     cfg1, parsed1 = stage_cfg(tmp_path, "system.optimizer.args.foreach=false")
     _, system1 = build_components(cfg1, parsed1, str(tmp_path / "probe1"), resumed=False)
     assert len(system1.configure_optimizers().param_groups) == 1  # one tensor at a time needs no groups
+
+
+def test_optimizer_groups_resume_across_groupings_and_fused_drops_the_foreach_default(tmp_path):
+    """A checkpoint of the one-group optimiser (older it3d, or foreach: false) resumes under the grouped one with
+    its moments, and the reverse; ``fused: true`` gets a fused AdamW (no foreach default, which torch refuses
+    with it) in one group; ``foreach: null`` (CUDA's choice) is grouped too."""
+    from it3d.runner.cli import build_components
+
+    def system_with(*extra):
+        cfg, parsed = stage_cfg(tmp_path, *extra)
+        return build_components(cfg, parsed, str(tmp_path / f"probe{len(extra)}{hash(extra) % 997}"), resumed=False)[1]
+
+    one = system_with("system.optimizer.args.foreach=false")
+    grouped = system_with("system.optimizer_group_mb=0.05")
+    grouped.load_state_dict(one.state_dict())
+    opt1 = one.configure_optimizers()
+    params1 = [p for g in opt1.param_groups for p in g["params"]]
+    for p in params1:
+        p.grad = torch.full_like(p, 0.25)
+    opt1.step()
+    state = opt1.state_dict()
+    opt2 = grouped.configure_optimizers()
+    assert len(opt1.param_groups) == 1 and len(opt2.param_groups) >= 3
+    with pytest.raises(ValueError, match="parameter group"):  # what Lightning would meet without the hook
+        opt2.load_state_dict(state)
+    ckpt = {"optimizer_states": [copy.deepcopy(state)]}
+    grouped.on_load_checkpoint(ckpt)
+    opt2.load_state_dict(ckpt["optimizer_states"][0])
+    params2 = [p for g in opt2.param_groups for p in g["params"]]
+    for i in (0, len(params1) // 2, len(params1) - 1):
+        assert torch.equal(opt2.state[params2[i]]["exp_avg"], opt1.state[params1[i]]["exp_avg"])
+        assert float(opt2.state[params2[i]]["step"]) == 1.0
+    back = {"optimizer_states": [opt2.state_dict()]}  # and the grouped checkpoint under one group
+    one.on_load_checkpoint(back)
+    assert len(back["optimizer_states"][0]["param_groups"]) == 1
+    opt1.load_state_dict(back["optimizer_states"][0])
+    fused = system_with("system.optimizer.args.fused=true").configure_optimizers()
+    assert fused.defaults["fused"] is True and not fused.defaults["foreach"] and len(fused.param_groups) == 1
+    auto = system_with("system.optimizer.args.foreach=null", "system.optimizer_group_mb=0.05").configure_optimizers()
+    assert auto.defaults["foreach"] is None and len(auto.param_groups) >= 3
 
 
 def test_class_images_shared_across_runs_keyed_by_settings_and_model(tmp_path, monkeypatch):

@@ -57,18 +57,22 @@ to bench_coarse's two H200 sizes (see ``LAUNCH_S``); ``--sparse`` gives coarse r
 of the occupancy grid's cells occupied, 5-10 % of the samples evaluated) instead of the blob. Dec 2026, this code:
 
     row (px)               kernels  TFLOP  GB moved  roofline ms  hash grid ms  eager ms  steps  minutes
-    mi3d-coarse (100)         1771   3.67     54.5        13.6          21.1      71.7   5000     5.97
-      --sparse                1767   3.54     26.4         7.8           4.7      41.7   5000     3.47
-      --hash-grid torch      13335   3.67    302.7        65.3             -     293.6   5000    24.47
-    ci3d-coarse (128)         2915   4.65     82.7        20.0          33.2     110.8   7000    12.92
-      --sparse                2911   4.42     33.5         9.7           4.6      58.2   7000     6.79
-    ci3d-refine (800)         4348   7.13    102.9        25.8             -     106.2   3000     5.31
-    mi3d-refine (800)         3198   6.25    113.7        27.6             -      98.2   5000     8.18
-    ci3d-dreambooth (512)     7241   7.50    176.7        41.2             -     172.8    200     0.58
-      one-tensor AdamW       16030   7.50    171.9        40.2             -     263.6    200     0.88
+    mi3d-coarse (100)         1771   4.04     54.6        14.0          21.1      72.6   5000     6.05
+      --sparse                1767   3.91     26.4         8.1           4.7      42.4   5000     3.53
+      --hash-grid torch      13335   4.04    303.4        65.8             -     294.7   5000    24.56
+    ci3d-coarse (128)         2915   5.04     82.8        20.3          33.3     111.6   7000    13.02
+      --sparse                2911   4.81     33.6        10.1           4.7      59.1   7000     6.89
+    ci3d-refine (800)         4348   7.52    102.9        26.1             -     107.0   3000     5.35
+    mi3d-refine (800)         3198   6.62    113.7        27.9             -      99.0   5000     8.25
+    ci3d-dreambooth (512)     7241   8.71    176.7        42.3             -     175.2    200     0.58
+    ci3d-dreambooth-1tensor  16148   8.71    176.7        42.3             -     269.6    200     0.90
 
-Launches are a quarter to two thirds of every eager estimate. The one-tensor AdamW and clipping made 9,562 of
-DreamBooth's 16,030 kernels; AdamW in 256 MB multi-tensor groups and the clipping over lists make 773, for 0.12 GiB less peak.
+The per-kernel term is 26-63 % of each estimate; the fit cannot tell launch cost from any fixed host cost a
+step has, since both calibration runs launched the same 774 kernels. The model is rough, by up to 2x either
+way: it overstates hashgrid_check's isolated torch encoding by 1.6-2x (6 timings), and gives 175 ms for a
+DreamBooth step where the H200 measured 235-280 ms for one without gradient checkpointing (less compute).
+AdamW one tensor at a time and the clipping launch 9,680 of DreamBooth's 16,148 kernels; AdamW in 256 MB
+multi-tensor groups and the clipping over lists, 773 (and 0.12 GiB less peak).
 
 What it cannot see: allocations outside PyTorch's allocator (BLAS / oneDNN scratch; cuBLAS and cuDNN
 workspaces, which the GPU's caching allocator does count), the caching allocator's rounding and
@@ -118,6 +122,8 @@ ROWS = {
     # (the H200's 23.1 GB, 235-280 ms a step, predate gradient checkpointing and the grouped AdamW; that setting
     # needs more than this machine's 24 GiB of RAM to measure here)
     "ci3d-dreambooth": ("configs/customize-it-3d.yaml", "dreambooth", [], {512: None}),
+    "ci3d-dreambooth-1tensor": ("configs/customize-it-3d.yaml", "dreambooth", ["system.optimizer.args.foreach=false"],
+                                {512: None}),  # AdamW one tensor at a time: the comparison for the groups
 }
 
 
@@ -278,7 +284,7 @@ def measuring():
 
 
 def census_result(c) -> dict:
-    """The census of one block: totals, the roofline floor on an H100, and the modules at depth <= 2 by
+    """The census of one block: totals, the roofline floor on an H200, and the modules at depth <= 2 by
     their roofline time (names from torch's ModuleTracker: the first module called, then its children)."""
     mods = sorted(c.by_module.items(), key=lambda kv: -kv[1].roofline_s)
     hg = getattr(c, "hash_grid", {"calls": 0, "ms": 0.0})
@@ -389,7 +395,7 @@ def measure_dreambooth(name: str, work: str, px: int) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = system.diffusion_loss(images, prompts).sum()
         loss.backward()
-        if clip:  # as on CUDA: over the gradients' lists (a CPU would go tensor by tensor)
+        if clip:  # over the gradients' lists, as on CUDA
             torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         opt.step()
 
@@ -526,7 +532,7 @@ def minutes(ms_step: float, steps: int) -> str:
 
 
 def census_table(results) -> str:
-    """Census rows: per step the kernels, FLOPs and bytes, and the H100 floors they give; then per row the
+    """Census rows: per step the kernels, FLOPs and bytes, and the H200 floors they give; then per row the
     modules that take most of the roofline time."""
     head = (f"{'row':24} {'px':>4} {'kernels':>8} {'TFLOP':>7} {'GB moved':>9} {'compute ms':>10} {'memory ms':>9} "
             f"{'roofline ms':>11} {'hash grid ms':>12} {'eager ms':>8} {'steps':>5} {'min':>6}")

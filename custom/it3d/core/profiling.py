@@ -357,8 +357,8 @@ class OpTally:
 @dataclass
 class OpCensus:
     """What :class:`op_census` counted: ``total`` and, per module (its fully qualified name from the first
-    module called, at most ``depth`` levels deep; ``(none)`` for ops outside every module), an
-    :class:`OpTally`."""
+    module called, nested in at most ``depth - 1`` other running modules; ``(none)`` for ops outside every
+    module), an :class:`OpTally`."""
     spec: DeviceSpec
     total: OpTally = field(default_factory=OpTally)
     by_module: Dict[str, OpTally] = field(default_factory=dict)
@@ -394,6 +394,25 @@ def _foreach_launches(name: str, args, out) -> int:
     return max(1, -(-len(lists[0]) // per_launch), -(-chunks // _MT_BLOCKS))
 
 
+def _module_depth(fqn: str) -> int:
+    """Levels of a module name: a list index below a container counts with it (``Unet.down_blocks.0``: 2; a
+    ModuleList is never called), one right below the first module is a level of its own (``Sequential.0``: 2)."""
+    segs = fqn.split(".")
+    return sum(1 for i, s in enumerate(segs) if i <= 1 or not s.isdigit())
+
+
+def _cpu_attention():
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    return {"_scaled_dot_product_flash_attention_for_cpu": sdpa_flop_count,
+            "_scaled_dot_product_flash_attention_for_cpu_backward": sdpa_backward_flop_count}
+
+
+_CPU_ATTENTION = _cpu_attention()
+_CPU_ATTENTION_ARGS = {"_scaled_dot_product_flash_attention_for_cpu": 3,  # q, k, v
+                       "_scaled_dot_product_flash_attention_for_cpu_backward": 4}  # grad_out, q, k, v
+
+
 def _is_view(func) -> bool:
     rets = func._schema.returns
     return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
@@ -414,7 +433,12 @@ class _CensusMode(TorchDispatchMode):
         if _is_view(func) or name in _NO_KERNEL:
             return out
         packet = func._overloadpacket
-        flops = float(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0.0
+        if packet in flop_registry:
+            flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
+        elif name in _CPU_ATTENTION:  # the CPU's attention kernels, absent from flop_counter's table
+            flops = float(_CPU_ATTENTION[name](*(a.shape for a in args[:_CPU_ATTENTION_ARGS[name]])))
+        else:
+            flops = 0.0
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not outs:  # an in-place op that returns nothing (``_foreach_*_``): its written arguments are its output
@@ -425,7 +449,7 @@ class _CensusMode(TorchDispatchMode):
         spec = self.census.spec
         n = _foreach_launches(name, args, out) if name.startswith("_foreach_") else 1
         self.census.total.add(flops, nbytes, spec, n)
-        mods = [p for p in self.tracker.parents if p != "Global" and p.count(".") < self.depth]
+        mods = [p for p in self.tracker.parents if p != "Global" and _module_depth(p) <= self.depth]
         for m in mods or ["(none)"]:
             self.census.by_module.setdefault(m, OpTally()).add(flops, nbytes, spec, n)
         return out

@@ -195,7 +195,11 @@ class BaseSystem(pl.LightningModule, Configurable, Updateable):
         ocfg = dict(self.cfg.optimizer)
         name = ocfg.get("name", "Adam")
         optimizer_cls = optimizer_class(name)
-        args = {**self.optimizer_defaults(optimizer_cls), **dict(ocfg.get("args", {}))}
+        given = dict(ocfg.get("args", {}))
+        defaults = self.optimizer_defaults(optimizer_cls)
+        if given.get("fused"):  # torch refuses fused with foreach: a fused optimizer asked for drops that default
+            defaults.pop("foreach", None)
+        args = {**defaults, **given}
         groups = ocfg.get("params")
         if groups:
             params = []

@@ -139,6 +139,9 @@ def _link_or_copy(src: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
+_MULTI_TENSOR = (torch.optim.Adam, torch.optim.AdamW)  # torch's optimisers with a multi-tensor (foreach) step
+
+
 @register("dreambooth", kind="system")
 class DreamBoothSystem(BaseSystem):
     trains_pretrained = True  # the runner trains it in mixed precision when the run's precision is half
@@ -200,20 +203,21 @@ class DreamBoothSystem(BaseSystem):
     def optimizer_defaults(self, optimizer_cls) -> Dict[str, Any]:
         """torch's Adam / AdamW with its multi-tensor step (``foreach=True``, CUDA's default: ~60 kernel launches
         an op for the SD 2 UNet + text encoder), over groups of at most ``optimizer_group_mb``
-        (:meth:`optimizer_groups`). One group, its step allocates a temporary the size of all trained weights
-        (the sqrt of the second moments): 4.5 GiB on top of weights, gradients and moments (4.5 + 4.5 + 9.0
-        GiB), the H200's 23.1 GiB DreamBooth peak. One tensor at a time (``foreach: false``) the temporary is
-        the largest tensor's, but the step launches ~9,000 kernels (~0.1 s a step on an H200, ``bench_memory.py
-        --census``). ``fused=True`` has neither cost, but Lightning refuses gradient clipping -- ``--max_grad_norm
+        (:meth:`optimizer_groups`). With a single group its step allocates a temporary the size of all trained
+        weights (the sqrt of the second moments): 4.5 GiB on top of weights, gradients and moments (4.5 + 4.5 +
+        9.0 GiB), the H200's 23.1 GiB DreamBooth peak. One tensor at a time (``foreach: false``) the temporary is
+        the largest tensor's, but the step launches ~9,000 kernels (estimated ~0.1 s a step on an H200 by
+        ``bench_memory.py --census``'s model; not measured). ``fused=True`` has neither cost, but Lightning refuses gradient clipping -- ``--max_grad_norm
         1`` here -- with it under mixed precision. ``system.optimizer.args.foreach`` chooses otherwise; other
         optimisers (AdamW8bit) get nothing."""
-        return {"foreach": True} if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) else {}
+        return {"foreach": True} if optimizer_cls in _MULTI_TENSOR else {}
 
     def optimizer_groups(self, params: List[Tensor], optimizer_cls, args: Dict[str, Any]) -> list:
         """For the multi-tensor Adam / AdamW: consecutive tensors in groups of at most ``optimizer_group_mb``
         (a larger tensor alone), so its temporary is one group's size; each group steps as its own multi-tensor
-        call. Anything else: one group."""
-        if optimizer_cls not in (torch.optim.Adam, torch.optim.AdamW) or not args.get("foreach"):
+        call (``foreach: null`` too: CUDA picks the multi-tensor step then). One tensor at a time, fused, or
+        another optimiser: one group."""
+        if optimizer_cls not in _MULTI_TENSOR or args.get("foreach") is False or args.get("fused"):
             return params
         limit = self.cfg.optimizer_group_mb * 2 ** 20
         groups: List[List[Tensor]] = []
@@ -226,6 +230,29 @@ class DreamBoothSystem(BaseSystem):
             groups[-1].append(p)
             size += n
         return [{"params": g} for g in groups]
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """A checkpoint whose optimiser grouped the same tensors otherwise (written before the groups, or with
+        another ``optimizer_group_mb`` / ``foreach``): its per-tensor state (moments, step counts) is kept and its
+        groups redrawn as this config groups them, so the resume continues it (Lightning restores the optimiser
+        after this hook). Groups with different hyper-parameters are left alone."""
+        states = checkpoint.get("optimizer_states") or []
+        if len(states) != 1 or not states[0].get("param_groups"):
+            return
+        old = states[0]["param_groups"]
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in old]
+        opt = self.configure_optimizers()
+        opt = opt["optimizer"] if isinstance(opt, dict) else opt
+        sizes = [len(g["params"]) for g in opt.param_groups]
+        flat = [i for g in old for i in g["params"]]
+        if sizes == [len(g["params"]) for g in old] or sum(sizes) != len(flat) or any(h != hyper[0] for h in hyper):
+            return
+        groups, start = [], 0
+        for n in sizes:
+            groups.append({**hyper[0], "params": flat[start:start + n]})
+            start += n
+        states[0]["param_groups"] = groups
+        log.info(f"dreambooth: the checkpoint's {len(old)} optimiser group(s) regrouped into {len(groups)}")
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
