@@ -4,21 +4,18 @@ Measured (300 steps, CPU, the official loss weights: ref-rgb 1000, mask 100, dep
 41.9 dB, depth Pearson 0.733, mesh IoU 0.949 (the OBJ mapped back from the asset frame). The same run
 without the depth term reaches depth Pearson 0.185 and with it at weight 10, 0.982: the 0.6 bound fails
 when the depth prior does not reach the NeRF."""
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
+from conftest import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_coarse_fit", os.path.join(ROOT, "tests", "benchmarks",
-                                                                                   "bench_coarse_fit.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tests/benchmarks/bench_coarse_fit.py", "bench_coarse_fit")
 
 
 @pytest.mark.slow

@@ -1,15 +1,14 @@
 """The GPU budget script's projection (tests/gpu/check.py, issue 13), on hand-made measurements.
 
 The script itself needs a GPU; what it computes from a run's files is plain arithmetic, checked here."""
-import importlib.util
 import os
 
 import pytest
 
+from conftest import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "tests", "gpu", "check.py"))
-check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(check)
+check = load_script("tests/gpu/check.py", "gpu_check")
 
 PAPER = {"run": "lightning", "steps": 200, "class_images": 200, "class_steps": 25, "class_batch": 4}
 
@@ -62,10 +61,7 @@ def test_paper_figures_read_the_method_config():
 
 
 # ----------------------------------------------------------------------------- bench_memory --census
-_bspec = importlib.util.spec_from_file_location("bench_memory",
-                                                os.path.join(ROOT, "tests", "benchmarks", "bench_memory.py"))
-bench = importlib.util.module_from_spec(_bspec)
-_bspec.loader.exec_module(bench)
+bench = load_script("tests/benchmarks/bench_memory.py", "bench_memory")
 
 
 def test_triton_hash_grid_times_interpolate_the_h200_measurements():

@@ -43,15 +43,17 @@ from it3d.renderers import volume as volume_mod  # noqa: E402
 
 
 def _load_profiling(name: str = "count_syncs"):
-    """count_syncs / peak_allocated from this checkout (a standalone file), so an older --src can be measured
-    too."""
+    """count_syncs / peak_allocated / op_census from this checkout (a standalone file, loaded once), so an older
+    --src can be measured too."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_bench_profiling", os.path.join(HERE_SRC, "it3d", "core",
-                                                                                    "profiling.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = sys.modules.get("_bench_profiling")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("_bench_profiling", os.path.join(HERE_SRC, "it3d", "core",
+                                                                                        "profiling.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
     return getattr(mod, name)
 
 

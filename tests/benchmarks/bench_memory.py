@@ -531,24 +531,38 @@ def minutes(ms_step: float, steps: int) -> str:
     return f"{ms_step * steps / 6e4:.2f}" if steps else "-"
 
 
+def table_lines(head: str, results, width: int, line) -> list:
+    """A table's header, rule and one line per row: ``line(row)``, or the row's error."""
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r['row']:{width}} {r.get('render_px', '-')!s:>4} ERROR {r['error']} {r.get('stderr', '')}"
+                     if "error" in r else line(r))
+    return lines
+
+
+def census_line(r: dict) -> str:
+    c = r["census"]
+    steps = r.get("paper_steps") or 0
+    hg = f"{c['triton_ms']:.2f} ({c['triton_calls']})" if c.get("hash_grid") == "triton" and c.get("triton_calls") \
+        else ("torch" if c.get("hash_grid") == "torch" else "-")
+    return (f"{r['row']:24} {r['render_px']!s:>4} {c['launches']:8d} {c['tflop']:7.2f} {c['gb_moved']:9.2f} "
+            f"{c['compute_ms']:10.2f} {c['memory_ms']:9.2f} {c['roofline_ms']:11.2f} {hg:>12} "
+            f"{c['eager_ms']:8.1f} {steps or '-'!s:>5} {minutes(c['eager_ms'], steps):>6}")
+
+
+def memory_line(r: dict) -> str:
+    res = "/".join(str(v) for v in r["guidance_res"].values()) or "-"
+    return (f"{r['row'] + (' (extrapolated)' if r.get('extrapolated') else ''):32} {r['render_px']!s:>4} "
+            f"{res:>8} {r.get('points') or '-'!s:>7} {r['resident_gb']:8.2f} {r['step_peak_gb']:8.2f} "
+            f"{r['peak_gb']:7.2f} {r.get('gpu_gb') or '-'!s:>6} {r.get('ms_step', '-')!s:>8}")
+
+
 def census_table(results) -> str:
     """Census rows: per step the kernels, FLOPs and bytes, and the H200 floors they give; then per row the
     modules that take most of the roofline time."""
     head = (f"{'row':24} {'px':>4} {'kernels':>8} {'TFLOP':>7} {'GB moved':>9} {'compute ms':>10} {'memory ms':>9} "
             f"{'roofline ms':>11} {'hash grid ms':>12} {'eager ms':>8} {'steps':>5} {'min':>6}")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        if "error" in r:
-            lines.append(f"{r['row']:24} {r.get('render_px', '-')!s:>4} ERROR {r['error']} {r.get('stderr', '')}")
-            continue
-        c = r["census"]
-        steps = r.get("paper_steps") or 0
-        hg = f"{c['triton_ms']:.2f} ({c['triton_calls']})" if c.get("hash_grid") == "triton" and c.get("triton_calls") \
-            else ("torch" if c.get("hash_grid") == "torch" else "-")
-        lines.append(f"{r['row']:24} {r['render_px']!s:>4} {c['launches']:8d} {c['tflop']:7.2f} {c['gb_moved']:9.2f} "
-                     f"{c['compute_ms']:10.2f} {c['memory_ms']:9.2f} {c['roofline_ms']:11.2f} {hg:>12} "
-                     f"{c['eager_ms']:8.1f} {steps or '-'!s:>5} "
-                     f"{minutes(c['eager_ms'], steps):>6}")
+    lines = table_lines(head, results, 24, census_line)
     for r in results:
         if "error" in r:
             continue
@@ -566,15 +580,7 @@ def table(results) -> str:
         return census_table(results)
     head = (f"{'row':32} {'px':>4} {'guid.res':>8} {'points':>7} {'resident':>8} {'step pk':>8} {'peak':>7} "
             f"{'GPU':>6} {'ms/step':>8}")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        if "error" in r:
-            lines.append(f"{r['row']:32} {r.get('render_px', '-')!s:>4} ERROR {r['error']} {r.get('stderr', '')}")
-            continue
-        res = "/".join(str(v) for v in r["guidance_res"].values()) or "-"
-        lines.append(f"{r['row'] + (' (extrapolated)' if r.get('extrapolated') else ''):32} {r['render_px']!s:>4} "
-                     f"{res:>8} {r.get('points') or '-'!s:>7} {r['resident_gb']:8.2f} {r['step_peak_gb']:8.2f} "
-                     f"{r['peak_gb']:7.2f} {r.get('gpu_gb') or '-'!s:>6} {r.get('ms_step', '-')!s:>8}")
+    lines = table_lines(head, results, 32, memory_line)
     return "\n".join(lines) + "\n(GB = GiB, 2^30 bytes, as tests/gpu/check.py reports them; GPU: the measured fp16 peak on an H200, where known)"
 
 
