@@ -261,8 +261,10 @@ class peak_allocated:
     from the caching allocator and are seen on CUDA), and allocations on threads the profiler does not
     follow (inside OpenMP regions, where kernels rarely allocate). ``resident_bytes`` comes from
     :func:`live_storages` at entry (``resident=False`` skips that scan). A free of a storage that existed
-    before the block carries no size on a CPU, so the sum does not drop: ``freed_resident_bytes`` says by
-    how much the peak can be overstated (call ``zero_grad(set_to_none=True)`` before the block).
+    before the block carries no size on a CPU, so the sum does not drop (nor for one that an earlier
+    profiler happened to size: frees are matched to the block's own allocations by address, so the figure
+    does not depend on what was profiled before): ``freed_resident_bytes`` says by how much the peak can be
+    overstated (call ``zero_grad(set_to_none=True)`` before the block).
     """
 
     def __init__(self, device="cpu", resident: bool = True) -> None:
@@ -283,14 +285,22 @@ class peak_allocated:
 
     def __exit__(self, *exc) -> bool:
         self._prof.__exit__(*exc)
-        events = [(e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
-                  if e.name() == "[memory]" and _same_device(e.device_type(), e.device_index(), self.device)]
+        events = _memory_events(self._prof.profiler.kineto_results, self.device)
         self._prof = None
-        events.sort(key=lambda e: e[0])
         cur = peak = allocs = 0
-        for _, n in events:
+        held: Dict[tuple, int] = {}  # (device, ptr) -> bytes of the storages allocated inside the block
+        for _, dev, ptr, n in events:
+            if n > 0:
+                held[(dev, ptr)] = n
+                allocs += 1
+            elif (dev, ptr) in held:
+                n = -held.pop((dev, ptr))
+            elif dev.type == "cpu":
+                # a CPU free of a storage from before the block: sized only when that storage happened to be
+                # allocated under an earlier profiler, so never counted (a peak that does not depend on
+                # which profilers ran before)
+                continue
             cur += n
-            allocs += n > 0
             peak = max(peak, cur)
         r = self.result
         r.peak_bytes, r.end_bytes, r.allocations = peak, cur, allocs
@@ -299,6 +309,26 @@ class peak_allocated:
             r.freed_resident_bytes = sum(n for p, n in self._entry.items() if still.get(p) != n)
         self._entry = {}
         return False
+
+
+def _memory_events(results, device: Optional[torch.device]) -> List[tuple]:
+    """``(time_ns, device, ptr, bytes)`` of every allocation (bytes > 0) and free (< 0) the profiler
+    recorded on ``device`` (None: every device), in time order."""
+    from torch._C._profiler import _EventType
+
+    out = []
+    stack = list(results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag != _EventType.Allocation:
+            continue
+        f = node.extra_fields
+        dev = _device_of(f.device)
+        if _same_device(dev.type, dev.index, device):
+            out.append((node.start_time_ns, dev, f.ptr, f.alloc_size))
+    out.sort(key=lambda e: e[0])
+    return out
 
 
 class peak_memory(peak_allocated):
