@@ -30,6 +30,7 @@ def test_local_dir_loads_once_and_is_shared(tmp_path):
     os.makedirs(tmp_path / "unet")
     torch.save(TinyNet().state_dict(), tmp_path / "unet" / "w.pt")
     hub.clear_cache()
+    TinyNet.loads = 0  # other tests of this module load it too
     a = hub.load(TinyNet, str(tmp_path), subfolder="unet")
     b = hub.load(TinyNet, str(tmp_path), subfolder="unet")
     assert a is b and TinyNet.loads == 1

@@ -44,8 +44,10 @@ def white_bg(out):
     return ((1 - out["opacity"]) * (1 - out["comp_rgb"]).abs()).mean()
 
 
-def test_guidance_sees_the_novel_render_and_the_loss_is_the_sum_of_its_terms(refine, monkeypatch):
+def test_guidance_sees_the_novel_render_and_the_loss_is_the_sum_of_its_terms(refine, monkeypatch, request):
     system, dm = refine
+    saved = system.geometry.descriptors.detach().clone()
+    request.addfinalizer(lambda: system.geometry.descriptors.data.copy_(saved))  # others start from the init
     logged = {}
     monkeypatch.setattr(system, "log", lambda k, v, **kw: logged.__setitem__(k, float(v)))
     geo = system.geometry
@@ -83,6 +85,7 @@ def test_descriptor_init_and_the_official_learning_rate_decay(refine):
     assert feats.std().item() == pytest.approx(1.0, abs=0.05)
     cfg = system.cfg.optimizer
     assert cfg["args"]["lr"] == 0.001 and all(g["lr"] == 0.001 for g in cfg["params"].values())
+    system.zero_grad(set_to_none=True)  # no gradient left by another test: the steps below move no descriptor
     opt = system.configure_optimizers()
     sched = opt["lr_scheduler"]["scheduler"]
     lrs = []
